@@ -1,0 +1,4 @@
+from saekit.cli import main
+import sys
+
+sys.exit(main())

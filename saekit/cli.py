@@ -1,0 +1,50 @@
+"""`saekit` command line. Each subcommand's module is imported only when it runs.
+
+Every subcommand module `saekit.commands.<name>` defines `add_arguments(parser)` and
+`run(args) -> int`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from saekit.errors import UserError
+
+COMMANDS: dict[str, str] = {
+    "cache": "Capture a model layer's activations over image-text data into a sharded cache.",
+    "train": "Train a sparse autoencoder on a layer (from a cache, or caching on the fly).",
+    "encode": "Encode activations to sparse SAE codes.",
+    "info": "Describe an SAE folder or an activation cache.",
+    "demo": "Run capture -> cache -> SAE training -> report on the tiny preset.",
+}
+
+
+def dispatch(prog: str, package: str, commands: dict[str, str], argv: list[str] | None) -> int:
+    """Parse `argv` for one of `commands` and run it; a UserError becomes one line on stderr."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = argparse.ArgumentParser(prog=prog)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, help_text in commands.items():
+        sub_parser = sub.add_parser(name, help=help_text, description=help_text)
+        if argv and argv[0] == name:  # import only the subcommand that runs
+            _module(package, name).add_arguments(sub_parser)
+    args = parser.parse_args(argv)
+    try:
+        return int(_module(package, args.command).run(args) or 0)
+    except UserError as err:
+        print(f"{prog}: error: {err}", file=sys.stderr)
+        return 2
+
+
+def _module(package: str, name: str):
+    return importlib.import_module(f"{package}.commands.{name}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    return dispatch("saekit", "saekit", COMMANDS, argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

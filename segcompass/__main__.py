@@ -1,0 +1,4 @@
+from segcompass.cli import main
+import sys
+
+sys.exit(main())

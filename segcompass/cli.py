@@ -1,0 +1,22 @@
+"""`segcompass` command line. Each subcommand lives in `segcompass.commands.<name>`
+(`add_arguments(parser)`, `run(args) -> int`) and is imported only when it runs."""
+
+from __future__ import annotations
+
+import sys
+
+from saekit.cli import dispatch
+
+COMMANDS: dict[str, str] = {
+    "world": "Generate the embedded reasoning-segmentation world and export it.",
+    "score": "Score predicted masks against ground truth in the ReasonSeg layout.",
+    "warmstart": "Train the tiny policy on the world's chain of thought by teacher forcing.",
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    return dispatch("segcompass", "segcompass", COMMANDS, argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
