@@ -1,0 +1,294 @@
+"""Model presets and loading: LLaVA-1.5, Qwen2.5-VL and their tiny random-init twins.
+
+Every number about a backbone lives in `PRESETS`. Real presets load strictly offline,
+from `--model-path DIR` or the local Hugging Face cache; saekit never downloads weights.
+The tiny twins are the same `transformers` classes at toy sizes (see `saekit.tiny`), so
+every code path that runs on them is the code path a 7B model takes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal, NamedTuple
+
+import torch
+
+from saekit.errors import UserError
+
+ModelFamily = Literal["llava", "qwen2_5_vl"]
+PRESET_FILE = "saekit_preset.json"  # written by `save_pretrained` next to the HF files
+
+
+@dataclass(frozen=True)
+class ModelPreset:
+    """A backbone saekit knows how to load, hook and feed."""
+
+    name: str
+    """Preset key in `PRESETS` (the `--model` value)."""
+    family: ModelFamily
+    """Architecture family; equals the checkpoint's `config.model_type`."""
+    hf_class: str
+    """Name of the `transformers` class that loads the checkpoint."""
+    hub_id: str | None
+    """Hugging Face Hub id of the weights (None for tiny twins built in-process)."""
+    d_model: int
+    """Width of the language model's residual stream (the hooked activations)."""
+    n_layers: int
+    """Number of decoder blocks of the language model."""
+    default_layer: int
+    """Hooked layer L (HF `hidden_states[L]`, output of block L counted from 1)."""
+    image_token: str
+    """Placeholder token repeated once per image feature in the LLM's input ids."""
+    notes: str = ""
+    """Where the numbers come from and anything a user should know."""
+
+    def __post_init__(self) -> None:
+        if self.family not in ("llava", "qwen2_5_vl"):
+            raise ValueError(f"preset {self.name}: unknown family {self.family!r}")
+        if not 1 <= self.default_layer <= self.n_layers:
+            raise ValueError(f"preset {self.name}: default_layer {self.default_layer} "
+                             f"outside 1..{self.n_layers}")
+
+    @property
+    def is_tiny(self) -> bool:
+        """Tiny twins have no hub weights: they are built in-process or loaded from a saved dir."""
+        return self.hub_id is None
+
+
+_LLAVA_NOTES = ("LLaVA-1.5: CLIP ViT-L/14-336 + Vicuna; 576 inline <image> positions "
+                "(24x24 patch grid, CLS dropped); conversation 'USER: <image>\\n{prompt} ASSISTANT:'.")
+_QWEN_NOTES = ("Qwen2.5-VL: <|vision_start|><|image_pad|>xN<|vision_end|>, N = (h/2)(w/2) merged "
+               "14px patches; 3-D rope positions need mm_token_type_ids.")
+
+PRESETS: dict[str, ModelPreset] = {
+    "llava-1.5-7b": ModelPreset(
+        name="llava-1.5-7b", family="llava", hf_class="LlavaForConditionalGeneration",
+        hub_id="llava-hf/llava-1.5-7b-hf", d_model=4096, n_layers=32, default_layer=16,
+        image_token="<image>", notes=_LLAVA_NOTES),
+    "llava-1.5-13b": ModelPreset(
+        name="llava-1.5-13b", family="llava", hf_class="LlavaForConditionalGeneration",
+        hub_id="llava-hf/llava-1.5-13b-hf", d_model=5120, n_layers=40, default_layer=16,
+        image_token="<image>", notes=_LLAVA_NOTES),
+    "qwen2.5-vl-7b": ModelPreset(
+        name="qwen2.5-vl-7b", family="qwen2_5_vl", hf_class="Qwen2_5_VLForConditionalGeneration",
+        hub_id="Qwen/Qwen2.5-VL-7B-Instruct", d_model=3584, n_layers=28, default_layer=13,
+        image_token="<|image_pad|>", notes=_QWEN_NOTES),
+    "tiny-llava": ModelPreset(
+        name="tiny-llava", family="llava", hf_class="LlavaForConditionalGeneration",
+        hub_id=None, d_model=128, n_layers=4, default_layer=2, image_token="<image>",
+        notes="Random-init LLaVA twin: tiny CLIP vision tower (64px, 8px patches -> 8x8 grid) "
+              "+ tiny Llama; word-level tokenizer built in-process. " + _LLAVA_NOTES),
+    "tiny-qwen2.5-vl": ModelPreset(
+        name="tiny-qwen2.5-vl", family="qwen2_5_vl", hf_class="Qwen2_5_VLForConditionalGeneration",
+        hub_id=None, d_model=128, n_layers=4, default_layer=2, image_token="<|image_pad|>",
+        notes="Random-init Qwen2.5-VL twin: 8px patches, 2x2 merge (64px image -> 4x4 grid); "
+              "word-level tokenizer built in-process. " + _QWEN_NOTES),
+}
+
+
+class LoadedModel(NamedTuple):
+    """A model ready for `saekit.inputs.build_batch` and `saekit.capture.capture`."""
+
+    model: torch.nn.Module
+    """The `transformers` model (eval mode), e.g. `LlavaForConditionalGeneration`."""
+    tokenizer: Any
+    """Its tokenizer (`PreTrainedTokenizerFast` or the checkpoint's own)."""
+    image_processor: Any
+    """Its image processor (CLIP-style for LLaVA, Qwen2-VL-style for Qwen2.5-VL)."""
+    preset: ModelPreset
+    """The preset, with d_model / n_layers of what was actually loaded."""
+
+
+def get_preset(name: str) -> ModelPreset:
+    """The preset called `name`, or a UserError listing the known names."""
+    if name not in PRESETS:
+        raise UserError(f"unknown model preset {name!r}; choose one of {', '.join(PRESETS)}")
+    return PRESETS[name]
+
+
+def resolve_device(device: str | torch.device = "auto") -> torch.device:
+    """'auto' -> cuda when available, else cpu; anything else as given."""
+    if str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
+    """None -> fp32 on CPU (bf16 matmul is ~300x slower there), bf16 on an accelerator."""
+    if dtype is None:
+        return torch.float32 if device.type == "cpu" else torch.bfloat16
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    names = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
+             "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
+    if dtype not in names:
+        raise UserError(f"unknown dtype {dtype!r}; choose one of {', '.join(names)}")
+    return names[dtype]
+
+
+def load_model(name: str, model_path: str | Path | None = None, *, device: str | torch.device = "cpu",
+               dtype: str | torch.dtype | None = None) -> LoadedModel:
+    """Load preset `name` offline: from `model_path`, the local HF cache, or (tiny) in-process.
+
+    Never downloads. A missing directory, a checkpoint of another family or an unreadable
+    file is a one-line `UserError` that says where saekit looked and what to do.
+    """
+    preset = get_preset(name)
+    device = resolve_device(device)
+    dtype = resolve_dtype(dtype, device)
+    if preset.is_tiny and model_path is None:
+        from saekit.tiny import build_tiny
+
+        loaded = build_tiny(preset.name)
+        loaded.model.to(device=device, dtype=dtype)
+        return loaded
+    directory = _find_weights(preset, model_path)
+    return _load_directory(preset, directory, device, dtype)
+
+
+def _find_weights(preset: ModelPreset, model_path: str | Path | None) -> Path:
+    """The directory holding `config.json` for `preset`, or a UserError saying how to get one."""
+    how = (f"pass --model-path DIR pointing at a local copy of {preset.hub_id}, or run "
+           f"`huggingface-cli download {preset.hub_id}` on a machine with network"
+           if preset.hub_id else
+           f"pass --model-path DIR pointing at a directory written by saekit.models.save_pretrained")
+    if model_path is not None:
+        directory = Path(model_path).expanduser()
+        if not (directory / "config.json").is_file():
+            what = "does not exist" if not directory.exists() else "has no config.json"
+            raise UserError(f"model {preset.name}: {directory} {what}; {how}")
+        return directory
+    from huggingface_hub import constants, snapshot_download
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    try:  # local_files_only: look in the cache, never on the network
+        return Path(snapshot_download(preset.hub_id, local_files_only=True))
+    except (LocalEntryNotFoundError, FileNotFoundError, OSError):
+        raise UserError(f"model {preset.name}: weights of {preset.hub_id} are not in the local "
+                        f"Hugging Face cache ({constants.HF_HUB_CACHE}); {how}") from None
+
+
+def _load_directory(preset: ModelPreset, directory: Path, device: torch.device,
+                    dtype: torch.dtype) -> LoadedModel:
+    """Load model + tokenizer + image processor from a local HF-layout directory."""
+    import transformers
+
+    from safetensors import SafetensorError
+
+    config = _read_config(preset, directory)
+    model_class = getattr(transformers, preset.hf_class)
+    # On an accelerator, place weights there while loading (no full copy in host memory).
+    placement = {"device_map": str(device)} if device.type != "cpu" else {}
+    try:
+        model = model_class.from_pretrained(directory, config=config, dtype=dtype,
+                                            use_safetensors=True,  # never unpickle weights
+                                            local_files_only=True, **placement)
+        tokenizer = transformers.AutoTokenizer.from_pretrained(directory, local_files_only=True)
+        image_processor = _load_image_processor(directory)
+    except (OSError, ValueError, KeyError, RuntimeError, ImportError, SafetensorError) as err:
+        first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise UserError(f"model {preset.name}: could not load {preset.hf_class} from "
+                        f"{directory}: {first_line}") from None
+    model.to(device).eval()
+    return LoadedModel(model, tokenizer, image_processor, _actual_preset(preset, config, directory))
+
+
+def _read_config(preset: ModelPreset, directory: Path):
+    """The checkpoint's config, after checking its model_type is the preset's family."""
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(directory, local_files_only=True)
+    except (OSError, ValueError, KeyError) as err:
+        raise UserError(f"model {preset.name}: unreadable {directory / 'config.json'}: "
+                        f"{str(err).strip().splitlines()[0] if str(err).strip() else err!r}") from None
+    if config.model_type != preset.family:
+        raise UserError(f"model {preset.name}: {directory / 'config.json'} has model_type "
+                        f"{config.model_type!r}, expected {preset.family!r}; pick the preset that "
+                        f"matches the checkpoint ({', '.join(PRESETS)})")
+    return config
+
+
+def _load_image_processor(directory: Path):
+    """The checkpoint's image processor; the PIL backend when torchvision is missing."""
+    from transformers import AutoImageProcessor
+    from transformers.utils import is_torchvision_available
+
+    kwargs: dict[str, Any] = {"local_files_only": True}
+    if not is_torchvision_available():
+        kwargs["backend"] = "pil"  # the default torchvision backend cannot be imported
+    try:
+        return AutoImageProcessor.from_pretrained(directory, **kwargs)
+    except TypeError:  # a transformers without the `backend` switch
+        kwargs.pop("backend", None)
+        return AutoImageProcessor.from_pretrained(directory, **kwargs)
+
+
+def _actual_preset(preset: ModelPreset, config, directory: Path) -> ModelPreset:
+    """`preset` with the width/depth of the loaded checkpoint (warns when they differ)."""
+    text = config.text_config
+    d_model, n_layers = int(text.hidden_size), int(text.num_hidden_layers)
+    saved = directory / PRESET_FILE
+    default_layer = preset.default_layer
+    if saved.is_file():  # a folder saekit wrote for this very preset keeps its default layer
+        record = json.loads(saved.read_text())
+        if record.get("name") == preset.name:
+            default_layer = int(record["default_layer"])
+    if (d_model, n_layers) != (preset.d_model, preset.n_layers) and not preset.is_tiny:
+        warnings.warn(f"model {preset.name}: {directory} has d_model {d_model} and {n_layers} "
+                      f"layers, the preset says {preset.d_model} and {preset.n_layers}; using "
+                      f"the checkpoint's numbers", stacklevel=3)
+    if not 1 <= default_layer <= n_layers:
+        default_layer = max(1, n_layers // 2)
+    return dataclasses.replace(preset, d_model=d_model, n_layers=n_layers,
+                               default_layer=default_layer)
+
+
+def save_pretrained(loaded: LoadedModel, directory: str | Path) -> Path:
+    """Write model (safetensors), tokenizer, image processor and `saekit_preset.json`.
+
+    The folder loads with `load_model(preset, model_path=directory)` and with the plain
+    `transformers` class (`LlavaForConditionalGeneration.from_pretrained(directory)`).
+    For LLaVA a `LlavaProcessor` is saved too, so tools that load a processor (e.g.
+    TransformerLens's `TransformerBridge.boot_transformers`) find one.
+    """
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    loaded.model.save_pretrained(directory, safe_serialization=True)
+    loaded.tokenizer.save_pretrained(directory)
+    loaded.image_processor.save_pretrained(directory)
+    if loaded.preset.family == "llava":
+        _save_llava_processor(loaded, directory)
+    # Written last, via a temporary name: its presence marks a complete folder.
+    tmp = directory / (PRESET_FILE + ".tmp")
+    tmp.write_text(json.dumps(dataclasses.asdict(loaded.preset), indent=2) + "\n")
+    os.replace(tmp, directory / PRESET_FILE)
+    return directory
+
+
+def _save_llava_processor(loaded: LoadedModel, directory: Path) -> None:
+    from transformers import LlavaProcessor
+
+    config = loaded.model.config
+    processor = LlavaProcessor(
+        image_processor=loaded.image_processor, tokenizer=loaded.tokenizer,
+        patch_size=config.vision_config.patch_size,
+        vision_feature_select_strategy=config.vision_feature_select_strategy,
+        image_token=loaded.preset.image_token,
+        num_additional_image_tokens=1,  # CLIP's CLS token, dropped by the "default" strategy
+        chat_template=loaded.tokenizer.chat_template)
+    processor.save_pretrained(directory)
+
+
+def __getattr__(name: str):
+    # The tiny builders live in saekit.tiny (which imports this module); exposed here lazily.
+    if name in ("build_tiny_llava", "build_tiny_qwen2_5_vl", "DEFAULT_VOCAB"):
+        import saekit.tiny
+
+        return getattr(saekit.tiny, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
