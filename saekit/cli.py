@@ -17,7 +17,6 @@ COMMANDS: dict[str, str] = {
     "train": "Train a sparse autoencoder on a layer (from a cache, or caching on the fly).",
     "encode": "Encode activations to sparse SAE codes.",
     "info": "Describe an SAE folder or an activation cache.",
-    "demo": "Run capture -> cache -> SAE training -> report on the tiny preset.",
 }
 
 

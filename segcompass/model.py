@@ -1,0 +1,183 @@
+"""SegCompass assembled: policy MLLM + frozen SAE + head + SAM, and its checkpoint folder.
+
+A checkpoint is a folder (every tensor in safetensors, nothing pickled):
+    segcompass.json         SegCompassConfig + HeadConfig + training record
+    policy/                 the policy, `save_pretrained` (trained above the SAE layer)
+    sae/                    the frozen SAE, sae-lens format (copied so the folder stands alone)
+    sam/                    SAM (vision encoder, prompt encoder, mask decoder), `save_pretrained`
+    head.safetensors        codebook, aggregator and slot mapper weights
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+
+from saekit.atomic import atomic_directory
+from saekit.errors import UserError
+from saekit.inputs import ModelBatch
+from saekit.models import LoadedModel, load_model, save_pretrained
+from saekit.sae.encode import encode_sparse
+from saekit.sae.io import load_sae
+from saekit.sparse import SparseCodes
+from segcompass.build import HeadConfig, build_backbone, build_head, head_config
+from segcompass.modeling.segcompass_head import HeadOutput, SegCompassHead
+from segcompass.policy import PolicyForward, SlotInputs, policy_forward, ref_token_id, slot_inputs
+from segcompass.sam import build_sam, load_sam, preprocess_images
+
+CONFIG_FILE = "segcompass.json"
+HEAD_WEIGHTS = "head.safetensors"
+_HEAD_OWN_PREFIXES = ("codebook.", "aggregator.", "slot_mapper.")  # the mask decoder lives in sam/
+
+
+@dataclass(frozen=True)
+class SegCompassConfig:
+    """Which pieces make up a SegCompass model."""
+
+    policy_preset: str = "tiny-llava"
+    """saekit model preset of the policy (tiny-llava, llava-1.5-7b, qwen2.5-vl-7b, ...)."""
+    sae_layer: int = 2
+    """Policy layer the SAE reads (saekit numbering: HF hidden_states[L])."""
+    head_preset: str = "tiny-llava"
+    """segcompass.build HEAD_PRESETS entry (dimensions of codebook, aggregator, slot mapper)."""
+    sam_preset: str = "sam-tiny-16"
+    """SAM preset: sam-vit-b/l/h (pretrained, frozen encoder) or sam-tiny-16/32 (trained)."""
+    train_sam_encoder: bool = True
+    """Train the SAM vision encoder (the world's small one); pretrained ViTs stay frozen."""
+
+
+class SegCompassOutput(NamedTuple):
+    head: HeadOutput
+    """Heatmaps, confidences, masks and provenance."""
+    policy: PolicyForward
+    """The one policy forward pass (logits for GRPO, hidden states)."""
+    slots: SlotInputs
+    """SAE tokens, their samples and positions, slot embeddings."""
+    codes: SparseCodes
+    """SAE codes of the SAE tokens (atoms with |h| >= the codebook threshold)."""
+
+
+class SegCompass(nn.Module):
+    def __init__(self, *, policy: LoadedModel, sae: nn.Module, head: SegCompassHead, sam: nn.Module,
+                 config: SegCompassConfig, head_cfg: HeadConfig):
+        super().__init__()
+        self.loaded = policy
+        self.policy = policy.model
+        self.sae = sae.requires_grad_(False).eval()
+        self.head = head
+        self.sam = sam
+        self.backbone = build_backbone(sam, trainable=config.train_sam_encoder)
+        self.config, self.head_cfg = config, head_cfg
+        self.ref_token_id = ref_token_id(policy)
+        freeze_policy_up_to(self.policy, config.sae_layer)
+
+    @property
+    def sam_input_size(self) -> int:
+        return self.backbone.image_size
+
+    def image_embeddings(self, images: list[np.ndarray]) -> Tensor:
+        """(B, C, h, w) SAM image embeddings of uint8 RGB images (gradients if the encoder trains)."""
+        pixels = preprocess_images(images, self.sam_input_size).pixel_values
+        return self.backbone(pixels.to(next(self.head.parameters()).device))
+
+    def forward(self, batch: ModelBatch, image_embeddings: Tensor) -> SegCompassOutput:
+        """One policy pass over prompt + response, SAE codes, head -> SegCompassOutput."""
+        forward = policy_forward(self.policy, batch, self.config.sae_layer)
+        slots = slot_inputs(forward, batch, self.ref_token_id, self.head.num_slots)
+        codes = encode_sparse(self.sae, slots.sae_tokens.detach().to(self.sae.W_enc.dtype),
+                              threshold=self.head_cfg.threshold)  # the SAE is frozen: no gradient
+        head = self.head(codes, slots.token_sample_index, slots.slot_embeddings.float(),
+                         image_embeddings)
+        return SegCompassOutput(head, forward, slots, codes)
+
+
+def freeze_policy_up_to(policy: nn.Module, layer: int) -> None:
+    """Freeze everything the layer-L states depend on: vision tower, projector, embeddings,
+    blocks 1..L. Blocks above L, the final norm and the LM head stay trainable."""
+    from saekit.capture import decoder_layers
+
+    blocks = decoder_layers(policy)
+    policy.requires_grad_(False)
+    for block in list(blocks)[layer:]:
+        block.requires_grad_(True)
+    from segcompass.policy import final_norm
+
+    final_norm(policy).requires_grad_(True)
+    policy.get_output_embeddings().requires_grad_(True)
+
+
+def build_segcompass(config: SegCompassConfig, *, policy_path: str | Path, sae_path: str | Path,
+                     sam_path: str | Path | None = None, seed: int = 0,
+                     device: str | torch.device = "cpu") -> SegCompass:
+    """A new SegCompass from a (warm-started) policy, a trained SAE and SAM."""
+    policy = load_model(config.policy_preset, policy_path, device=device)
+    target = f"layer {config.sae_layer} of {policy.preset.name} (d_model {policy.preset.d_model})"
+    sae = load_sae(sae_path, expected_d_in=policy.preset.d_model, target=target, device=device).sae
+    if not 1 <= config.sae_layer <= policy.preset.n_layers:
+        raise UserError(f"sae_layer {config.sae_layer} is out of range for {policy.preset.name} "
+                        f"(valid 1..{policy.preset.n_layers})")
+    cfg = head_config(config.head_preset, d_sae=sae.d_sae, d_llm=policy.preset.d_model,
+                      sam_preset=config.sam_preset)
+    sam = load_sam(config.sam_preset, sam_path, device=device) if sam_path else build_sam(config.sam_preset, seed=seed)
+    torch.manual_seed(seed)
+    head = build_head(cfg, sam).to(device)
+    return SegCompass(policy=policy, sae=sae, head=head, sam=sam.to(device), config=config, head_cfg=cfg)
+
+
+def save_segcompass(model: SegCompass, directory: str | Path, *, sae_path: str | Path,
+                    record: dict[str, Any] | None = None) -> Path:
+    """Write the checkpoint folder (see the module docstring) atomically."""
+    with atomic_directory(directory) as tmp:
+        write_checkpoint(model, tmp, sae_path=sae_path, record=record)
+    return Path(directory)
+
+
+def write_checkpoint(model: SegCompass, tmp: Path, *, sae_path: str | Path, record: dict | None) -> None:
+    """Fill the (empty) folder `tmp` with the checkpoint files."""
+    save_pretrained(model.loaded, tmp / "policy")
+    shutil.copytree(sae_path, tmp / "sae")
+    model.sam.save_pretrained(tmp / "sam", safe_serialization=True)
+    head_state = {k: v.detach().cpu().contiguous() for k, v in model.head.state_dict().items()
+                  if k.startswith(_HEAD_OWN_PREFIXES)}
+    save_file(head_state, str(tmp / HEAD_WEIGHTS))
+    meta = {"config": dataclasses.asdict(model.config), "head": dataclasses.asdict(model.head_cfg),
+            "record": record or {}}
+    (tmp / CONFIG_FILE).write_text(json.dumps(meta, indent=2))
+
+
+def load_segcompass(directory: str | Path, *, device: str | torch.device = "cpu") -> SegCompass:
+    """Read a checkpoint folder written by `save_segcompass`."""
+    directory = Path(directory)
+    meta_path = directory / CONFIG_FILE
+    if not meta_path.is_file():
+        raise UserError(f"{directory} is not a segcompass checkpoint (no {CONFIG_FILE}); "
+                        "point --checkpoint at a folder written by `segcompass train`")
+    meta = json.loads(meta_path.read_text())
+    config = SegCompassConfig(**meta["config"])
+    head_cfg = HeadConfig(**meta["head"])
+    policy = load_model(config.policy_preset, directory / "policy", device=device)
+    sae = load_sae(directory / "sae", expected_d_in=policy.preset.d_model, device=device).sae
+    from transformers import SamModel
+
+    sam = SamModel.from_pretrained(directory / "sam", local_files_only=True, use_safetensors=True).to(device)
+    head = build_head(head_cfg, sam).to(device)
+    missing, unexpected = head.load_state_dict(load_file(str(directory / HEAD_WEIGHTS)), strict=False)
+    own_missing = [k for k in missing if k.startswith(_HEAD_OWN_PREFIXES)]
+    if own_missing or unexpected:
+        raise UserError(f"{directory / HEAD_WEIGHTS}: weights do not match the head config "
+                        f"(missing {own_missing[:3]}, unexpected {unexpected[:3]})")
+    return SegCompass(policy=policy, sae=sae, head=head, sam=sam, config=config, head_cfg=head_cfg)
+
+
+def checkpoint_record(directory: str | Path) -> dict[str, Any]:
+    """The training record stored in a checkpoint's segcompass.json."""
+    return json.loads((Path(directory) / CONFIG_FILE).read_text()).get("record", {})

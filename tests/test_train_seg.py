@@ -1,0 +1,80 @@
+"""Supervised SegCompass training: freezing, LR groups, checkpoint round trip, resume == uninterrupted."""
+
+import dataclasses
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from saekit.models import save_pretrained
+from saekit.sae.io import save_sae
+from saekit.sae.model import SparseAutoencoder
+from segcompass.model import load_segcompass
+from segcompass.train import TrainConfig, param_groups, train
+from segcompass.warmstart import WarmstartConfig, build_policy
+
+
+@pytest.fixture(scope="module")
+def pieces(tmp_path_factory):
+    root = tmp_path_factory.mktemp("seg")
+    torch.manual_seed(0)
+    policy = build_policy(WarmstartConfig(hidden_size=32, n_layers=3, n_heads=2, vision_hidden_size=32,
+                                          vision_layers=2, image_size=32, patch_size=8))
+    save_pretrained(policy, root / "policy")
+    sae = SparseAutoencoder(d_in=32, d_sae=256)
+    with torch.no_grad():  # random directions, scaled so that some atoms pass the |h| >= 2 threshold
+        sae.W_enc.normal_(0, 1.0)
+        sae.W_dec.copy_(torch.nn.functional.normalize(sae.W_enc.T, dim=1))
+    save_sae(sae, root / "sae", metadata={"model_name": "tiny-llava", "hook_name": "blocks.1.hook_resid_post"},
+             info={"layer": 2})
+    return root
+
+
+def _cfg(root, out, steps=4):
+    return TrainConfig(policy=root / "policy", sae=root / "sae", out=out, steps=steps, batch_size=2,
+                       checkpoint_every=2, log_every=1, threads=1)
+
+
+def test_freezing_and_lr_groups(pieces, tmp_path):
+    from segcompass.model import SegCompassConfig, build_segcompass
+    from saekit.capture import decoder_layers
+
+    cfg = _cfg(pieces, tmp_path)
+    model = build_segcompass(cfg.model_config(), policy_path=cfg.policy, sae_path=cfg.sae)
+    blocks = decoder_layers(model.policy)
+    assert not any(p.requires_grad for p in blocks[1].parameters())  # block 2 = the SAE layer: frozen
+    assert all(p.requires_grad for p in blocks[2].parameters())  # above it: trained
+    assert not any(p.requires_grad for p in model.sae.parameters())
+    groups = {g["name"]: g for g in param_groups(model, cfg)}
+    assert groups["slot_mapper"]["lr"] == pytest.approx(cfg.lr * 80)
+    assert groups["codebook"]["lr"] == pytest.approx(cfg.lr * 25)
+    assert groups["decoder"]["lr"] == pytest.approx(cfg.lr * 10)
+    ids = [id(p) for g in groups.values() for p in g["params"]]
+    assert len(ids) == len(set(ids))  # no parameter in two groups
+    trainable = {id(p) for p in model.parameters() if p.requires_grad}
+    assert trainable == set(ids)
+
+
+def test_resume_reproduces_uninterrupted_run(pieces, tmp_path):
+    full = train(_cfg(pieces, tmp_path / "full"), progress=False)
+    stopped = train(_cfg(pieces, tmp_path / "resumed"), progress=False, stop_after=2)
+    assert stopped.name == "checkpoint"
+    resumed = train(_cfg(pieces, tmp_path / "resumed"), progress=False)
+    for name in ("head.safetensors", "sam/model.safetensors", "policy/model.safetensors"):
+        a, b = load_file(str(full / name)), load_file(str(resumed / name))
+        assert a.keys() == b.keys()
+        for key in a:
+            torch.testing.assert_close(a[key], b[key], rtol=0, atol=0, msg=f"{name}:{key}")
+    # the checkpoint loads back into an equivalent model
+    model = load_segcompass(full)
+    assert model.head.num_slots == 4
+    with open(tmp_path / "full" / "metrics.jsonl") as handle:
+        assert len(handle.readlines()) == 4
+
+
+def test_changed_config_refuses_to_resume(pieces, tmp_path):
+    from saekit.errors import UserError
+
+    train(_cfg(pieces, tmp_path), progress=False, stop_after=2)
+    with pytest.raises(UserError, match="different settings"):
+        train(dataclasses.replace(_cfg(pieces, tmp_path), lr=1e-3), progress=False)
