@@ -10,6 +10,7 @@ from saekit.cli import dispatch
 COMMANDS: dict[str, str] = {
     "world": "Generate the embedded reasoning-segmentation world and export it.",
     "score": "Score predicted masks against ground truth in the ReasonSeg layout.",
+    "demo": "Run the whole embedded pipeline: world, warm start, SAE, training, evaluation, reports.",
     "warmstart": "Train the tiny policy on the world's chain of thought by teacher forcing.",
 }
 

@@ -1,0 +1,163 @@
+"""`segcompass demo`: the whole embedded pipeline, end to end, on a laptop CPU.
+
+    world -> warm-started tiny policy -> activation cache -> SAE -> SegCompass training
+          -> evaluation -> prediction report -> index.html
+
+Every stage writes into its own folder under `out` and is skipped when its result is
+already there, so an interrupted demo picks up where it stopped.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import html
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from saekit.errors import UserError
+
+
+@dataclass(frozen=True)
+class DemoConfig:
+    """Sizes of the embedded demo (the `--quick` variant is what CI runs)."""
+
+    out: Path = Path("runs/demo")
+    """Output folder; index.html at its top links every result."""
+    quick: bool = False
+    """A ~5-minute run with smaller everything (numbers are then only a smoke test)."""
+    sae_layer: int = 2
+    """Policy layer the SAE reads (of the tiny policy's 4)."""
+    d_sae: int = 4096
+    """SAE width for the world (the paper's 65536 is for 4096-wide 7B layers)."""
+    sae_samples: int = 2000
+    """World samples (image + instruction + chain of thought) whose activations train the SAE."""
+    sae_tokens: int = 600_000
+    """Tokens the SAE trains on (the cache is cycled)."""
+    seg_steps: int = 900
+    """SegCompass training steps."""
+    eval_samples: int = 200
+    """Samples per evaluation split."""
+    seed: int = 0
+    """Seeds every stage."""
+
+    def effective(self) -> "DemoConfig":
+        if not self.quick:
+            return self
+        return dataclasses.replace(self, sae_samples=300, sae_tokens=120_000, seg_steps=60,
+                                   eval_samples=40, d_sae=2048)
+
+
+EVAL_SPLITS = ("val", "testA", "testB", "multi", "reason")
+
+
+def _stage(name: str, done: bool) -> bool:
+    print(f"\n== {name}" + (" (done, skipped)" if done else ""), flush=True)
+    return not done
+
+
+def run_demo(cfg: DemoConfig) -> Path:
+    cfg = cfg.effective()
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    timings: dict[str, float] = {}
+    t0 = time.perf_counter()
+    policy_dir = _warmstart(cfg, out / "warmstart")
+    timings["warmstart"] = time.perf_counter() - t0
+    t = time.perf_counter()
+    sae_dir = _sae(cfg, out, policy_dir)
+    timings["sae"] = time.perf_counter() - t
+    t = time.perf_counter()
+    checkpoint = _segcompass(cfg, out / "segcompass", policy_dir, sae_dir)
+    timings["segcompass"] = time.perf_counter() - t
+    t = time.perf_counter()
+    scores = _evaluate(cfg, out / "eval", checkpoint)
+    timings["eval"] = time.perf_counter() - t
+    reports = _reports(out / "predict", checkpoint)
+    timings["total"] = time.perf_counter() - t0
+    index = _index(out, cfg, scores, reports, timings)
+    print(f"\nresults table:\n{(out / 'eval' / 'metrics.md').read_text()}")
+    print(f"index page: {index.resolve()}")
+    return index
+
+
+def _warmstart(cfg: DemoConfig, out: Path) -> Path:
+    from segcompass.warmstart import MODEL_DIR, WarmstartConfig, train
+
+    model_dir = out / MODEL_DIR
+    if _stage("warm start of the tiny policy", (out / "eval.json").is_file()):
+        train(WarmstartConfig(out=out, quick=cfg.quick, seed=cfg.seed))
+    return model_dir
+
+
+def _sae(cfg: DemoConfig, out: Path, policy_dir: Path) -> Path:
+    from saekit.cache import CacheConfig, build_cache
+    from saekit.sae.config import SAETrainConfig
+    from saekit.sae.data import training_data
+    from saekit.sae.training import train_sae
+    from segcompass.data.world import export_jsonl, generate
+
+    data = out / "world-sae" / "data.jsonl"
+    if _stage("world samples for the SAE", data.is_file()):
+        export_jsonl(generate("train", cfg.sae_samples, seed=cfg.seed + 100), data.parent)
+    cache = out / "cache"
+    if _stage("activation cache", (cache / "manifest.json").is_file() and _complete(cache)):
+        build_cache(CacheConfig(model="tiny-llava", model_path=policy_dir, data=data,
+                                layers=(cfg.sae_layer,), out=cache, batch_size=32))
+    sae_dir = out / "sae"
+    print("\n== SAE training (resumes / skips by itself)")
+    sae_cfg = SAETrainConfig(out=sae_dir, cache=cache, layer=cfg.sae_layer, d_sae=cfg.d_sae,
+                             batch_size=2048, training_tokens=cfg.sae_tokens, lr=1e-3, warmup_steps=20,
+                             log_every=20, checkpoint_every=100, seed=cfg.seed)
+    train_sae(sae_cfg, training_data(sae_cfg))
+    return sae_dir
+
+
+def _complete(cache: Path) -> bool:
+    return json.loads((cache / "manifest.json").read_text()).get("complete", False)
+
+
+def _segcompass(cfg: DemoConfig, out: Path, policy_dir: Path, sae_dir: Path) -> Path:
+    from segcompass.train import TrainConfig, train
+
+    final = out / "final"
+    if _stage("SegCompass training (mode seg)", (final / "segcompass.json").is_file()):
+        train(TrainConfig(policy=policy_dir, sae=sae_dir, out=out, sae_layer=cfg.sae_layer,
+                          steps=cfg.seg_steps, seed=cfg.seed))
+    return final
+
+
+def _evaluate(cfg: DemoConfig, out: Path, checkpoint: Path) -> dict:
+    from segcompass.evaluate import evaluate_to_dir
+
+    if _stage("evaluation (greedy decoding)", (out / "metrics.json").is_file()):
+        evaluate_to_dir(checkpoint, EVAL_SPLITS, cfg.eval_samples, out, seed=cfg.seed + 7)
+    return json.loads((out / "metrics.json").read_text())
+
+
+def _reports(out: Path, checkpoint: Path) -> list[Path]:
+    from segcompass.data.world import generate
+    from segcompass.report import write_report
+
+    reports = []
+    for sample in generate("val", 3, seed=12345):
+        folder = out / sample.sample_id
+        if _stage(f"prediction report {sample.sample_id}", (folder / "report.html").is_file()):
+            write_report(checkpoint, sample.image, sample.instruction, folder, multi=sample.multi_prompt)
+        reports.append(folder / "report.html")
+    return reports
+
+
+def _index(out: Path, cfg: DemoConfig, scores: dict, reports: list[Path], timings: dict) -> Path:
+    links = "".join(f'<li><a href="{html.escape(str(r.relative_to(out)))}">{html.escape(r.parent.name)}</a></li>'
+                    for r in reports)
+    table = (out / "eval" / "metrics.md").read_text() if (out / "eval" / "metrics.md").is_file() else ""
+    page = (f"<!doctype html><meta charset='utf-8'><title>segcompass demo</title>"
+            f"<h1>segcompass demo{' (quick)' if cfg.quick else ''}</h1>"
+            f"<h2>Evaluation</h2><pre>{html.escape(table)}</pre>"
+            f"<h2>Prediction reports</h2><ul>{links}</ul>"
+            f"<h2>Timings (s)</h2><pre>{html.escape(json.dumps({k: round(v, 1) for k, v in timings.items()}, indent=1))}</pre>")
+    path = out / "index.html"
+    path.write_text(page)
+    return path
