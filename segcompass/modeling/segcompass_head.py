@@ -1,0 +1,124 @@
+"""SegCompass head: sparse SAE codes + slot embeddings + image embedding -> heatmaps, masks.
+
+    codes --QueryCodebook--> codebook tokens --ConceptAggregator--> r_k
+    [e_k ; r_k] + image keys --SlotMapper--> heatmap logits H_k, confidences c_k
+    H_k as dense mask prompt + image embedding --SlotMaskDecoder--> mask logits
+
+Provenance is returned as data: for every surviving (token, atom, h) pair of the batch, the
+weight it carries into each slot, `slot_attention[b, k, l] * pair_share`, where l is the
+codebook token the pair fed and pair_share its magnitude share within that codebook token
+(see `query_codebook`). In per_atom mode the share is 1 and the weight is the attention
+itself. Summing a slot's pair weights by atom gives "which atoms fed which slot with what
+weight"; the pairs' token ids say where (image patch, CoT word) each atom fired.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+from torch import Tensor, nn
+
+from saekit.sparse import SparseCodes
+from segcompass.modeling.concept_aggregator import ConceptAggregator
+from segcompass.modeling.mask_decoder import SlotMaskDecoder
+from segcompass.modeling.query_codebook import QueryCodebook
+from segcompass.modeling.slot_mapper import SlotMapper
+
+
+class SlotAtoms(NamedTuple):
+    """One slot's atoms, heaviest first."""
+
+    atoms: Tensor
+    """(k,) int64 atom indices j."""
+    weights: Tensor
+    """(k,) float summed pair weights of each atom into the slot."""
+    token_ids: list[Tensor]
+    """k tensors: global token indices at which each atom fired (|h| >= threshold)."""
+    values: list[Tensor]
+    """k tensors: h_j at those tokens."""
+
+
+class Provenance(NamedTuple):
+    """Which SAE atoms, from which tokens, fed which slot with what weight (all detached)."""
+
+    slot_attention: Tensor
+    """(B, K_s, L) last aggregator block's slot -> codebook-token attention, mean over heads."""
+    source_token: Tensor
+    """(B, L) int64 global token index of each codebook token; -1 at padding."""
+    pair_sample: Tensor
+    """(P,) int64 sample of each surviving (token, atom) pair."""
+    pair_token: Tensor
+    """(P,) int64 global token index (CSR row) of each pair."""
+    pair_atom: Tensor
+    """(P,) int64 atom index j of each pair."""
+    pair_value: Tensor
+    """(P,) float activation h_j of each pair."""
+    pair_slot_weight: Tensor
+    """(P, K_s) weight of each pair into each slot: attention to its codebook token x share."""
+
+    def top_atoms(self, sample: int, slot: int, k: int = 10) -> SlotAtoms:
+        """The `k` atoms with the largest summed weight into `slot` of `sample`."""
+        in_sample = self.pair_sample == sample
+        atoms, weights = self.pair_atom[in_sample], self.pair_slot_weight[in_sample, slot]
+        tokens, values = self.pair_token[in_sample], self.pair_value[in_sample]
+        unique, inverse = torch.unique(atoms, return_inverse=True)
+        summed = weights.new_zeros(len(unique)).index_add_(0, inverse, weights)
+        top = summed.argsort(descending=True)[:k]
+        return SlotAtoms(atoms=unique[top], weights=summed[top],
+                         token_ids=[tokens[inverse == i] for i in top.tolist()],
+                         values=[values[inverse == i] for i in top.tolist()])
+
+
+class HeadOutput(NamedTuple):
+    heatmap_logits: Tensor
+    """(B, K_s, 4h, 4w) slot heatmap logits H_k at SAM's mask-prompt resolution."""
+    confidence_logits: Tensor
+    """(B, K_s) slot confidence logits c_k."""
+    mask_logits: Tensor
+    """(B, K_s, 4h, 4w) mask logits, one per slot, in the padded square SAM input frame."""
+    iou_pred: Tensor
+    """(B, K_s) SAM's IoU prediction per mask."""
+    provenance: Provenance
+    """Atoms -> slots, with weights and token ids (see `Provenance`)."""
+
+
+class SegCompassHead(nn.Module):
+    def __init__(self, *, codebook: QueryCodebook, aggregator: ConceptAggregator,
+                 slot_mapper: SlotMapper, mask_decoder: SlotMaskDecoder):
+        super().__init__()
+        self.codebook = codebook
+        self.aggregator = aggregator
+        self.slot_mapper = slot_mapper
+        self.mask_decoder = mask_decoder
+
+    @property
+    def num_slots(self) -> int:
+        return self.aggregator.num_slots
+
+    def forward(self, codes: SparseCodes, token_sample_index: Tensor, slot_embeddings: Tensor,
+                image_embeddings: Tensor) -> HeadOutput:
+        """codes over all tokens of B samples, token_sample_index (n_tokens,) in [0, B),
+        slot_embeddings e (B, K_s, d_llm), image_embeddings (B, C, h, w) -> HeadOutput."""
+        batch, slots, _ = slot_embeddings.shape
+        if slots != self.num_slots:
+            raise ValueError(f"got {slots} slot embeddings per sample, the head has {self.num_slots} slots")
+        if image_embeddings.shape[0] != batch:
+            raise ValueError(f"{image_embeddings.shape[0]} image embeddings for {batch} samples")
+        cb = self.codebook(codes, token_sample_index, batch)
+        agg = self.aggregator(cb.tokens, cb.padding_mask)
+        mapped = self.slot_mapper(slot_embeddings, agg.concepts, image_embeddings)
+        decoded = self.mask_decoder(mapped.heatmap_logits, image_embeddings)
+        length = cb.tokens.shape[1]
+        # (B, K, L) -> (B*L, K): each pair reads its codebook token's column.
+        flat_attention = agg.slot_attention.permute(0, 2, 1).reshape(batch * length, slots)
+        pair_weight = flat_attention[cb.pair_position] * cb.pair_share[:, None].to(flat_attention.dtype)
+        provenance = Provenance(
+            slot_attention=agg.slot_attention, source_token=cb.source_token,
+            pair_sample=torch.div(cb.pair_position, max(length, 1), rounding_mode="floor"),
+            pair_token=cb.pair_token, pair_atom=cb.pair_atom, pair_value=cb.pair_value,
+            pair_slot_weight=pair_weight)
+        return HeadOutput(heatmap_logits=mapped.heatmap_logits,
+                          confidence_logits=mapped.confidence_logits,
+                          mask_logits=decoded.mask_logits, iou_pred=decoded.iou_pred,
+                          provenance=provenance)

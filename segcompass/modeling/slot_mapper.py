@@ -1,0 +1,72 @@
+"""Slot mapper: slot queries attend to image keys -> heatmap logits H_k and confidences c_k.
+
+Paper, Eq. (2) and (5):
+    Q_k = MLP([e_k ; r_k])                                   (B, K_s, d_q)
+    S   = [(Q W^Q_i)(K W^K_i)^T / sqrt(d_h)]_{i=1..N_h}      (B, N_h, K_s, h, w)
+    H_k = F_map(S),  c_k = F_conf(S)
+with K the image embedding (SAM ViT-H: 256 x 64 x 64) and N_h x d_h = 4 x 64.
+
+F_map is a small conv head applied to each slot's N_h score maps, its output bilinearly
+upsampled by `upsample` (4: SAM's mask prompt is 4x the embedding side, 256^2 for 64^2).
+F_conf pools each head's score map (max and mean over positions); with
+`confidence_uses_query` it also sees Q_k, so a slot can report "nothing to find" from the
+reasoning alone (an addition to the paper's S-only head, switchable).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+class SlotMapperOutput(NamedTuple):
+    heatmap_logits: Tensor
+    """(B, K_s, upsample*h, upsample*w) heatmap logits at the mask-prompt resolution."""
+    confidence_logits: Tensor
+    """(B, K_s) confidence logits c_k (sigmoid -> probability that the slot holds a target)."""
+
+
+class SlotMapper(nn.Module):
+    def __init__(self, *, llm_dim: int, concept_dim: int, image_dim: int, query_dim: int,
+                 mlp_hidden: int, num_heads: int = 4, head_dim: int = 64, map_hidden: int = 32,
+                 upsample: int = 4, confidence_uses_query: bool = True):
+        super().__init__()
+        self.num_heads, self.head_dim, self.upsample = num_heads, head_dim, upsample
+        self.confidence_uses_query = confidence_uses_query
+        self.query_mlp = nn.Sequential(nn.Linear(llm_dim + concept_dim, mlp_hidden), nn.GELU(),
+                                       nn.Linear(mlp_hidden, query_dim))
+        self.query_proj = nn.Linear(query_dim, num_heads * head_dim)  # W^Q_i, all heads
+        self.key_proj = nn.Conv2d(image_dim, num_heads * head_dim, kernel_size=1)  # W^K_i
+        self.map_head = nn.Sequential(
+            nn.Conv2d(num_heads, map_hidden, 3, padding=1), nn.GELU(),
+            nn.Conv2d(map_hidden, map_hidden, 3, padding=1), nn.GELU(),
+            nn.Conv2d(map_hidden, 1, 1))
+        conf_in = 2 * num_heads + (query_dim if confidence_uses_query else 0)
+        self.confidence_head = nn.Sequential(nn.Linear(conf_in, mlp_hidden), nn.GELU(),
+                                             nn.Linear(mlp_hidden, 1))
+
+    def forward(self, slot_embeddings: Tensor, concepts: Tensor,
+                image_embeddings: Tensor) -> SlotMapperOutput:
+        """slot_embeddings e (B, K, d_llm), concepts r (B, K, d_c), image (B, C, h, w)."""
+        batch, slots, _ = concepts.shape
+        _, _, height, width = image_embeddings.shape
+        query = self.query_mlp(torch.cat([slot_embeddings.to(concepts.dtype), concepts], -1))  # (B, K, d_q)
+        q = self.query_proj(query).view(batch, slots, self.num_heads, self.head_dim)  # (B, K, N_h, d_h)
+        k = self.key_proj(image_embeddings.to(concepts.dtype)) \
+            .view(batch, self.num_heads, self.head_dim, height, width)  # (B, N_h, d_h, h, w)
+        scores = torch.einsum("bknd,bndyx->bnkyx", q, k) / math.sqrt(self.head_dim)  # (B, N_h, K, h, w)
+        per_slot = scores.transpose(1, 2).reshape(batch * slots, self.num_heads, height, width)
+        heatmap = self.map_head(per_slot)  # (B*K, 1, h, w)
+        heatmap = F.interpolate(heatmap, scale_factor=self.upsample, mode="bilinear",
+                                align_corners=False)
+        heatmap = heatmap.view(batch, slots, height * self.upsample, width * self.upsample)
+        pooled = torch.cat([scores.amax(dim=(-2, -1)), scores.mean(dim=(-2, -1))], dim=1)  # (B, 2N_h, K)
+        features = pooled.transpose(1, 2)  # (B, K, 2N_h)
+        if self.confidence_uses_query:
+            features = torch.cat([features, query], dim=-1)
+        confidence = self.confidence_head(features).squeeze(-1)  # (B, K)
+        return SlotMapperOutput(heatmap_logits=heatmap, confidence_logits=confidence)

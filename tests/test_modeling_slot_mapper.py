@@ -1,0 +1,56 @@
+"""Slot mapper: shapes and the per-head score formula of Eq. (5) against an explicit loop."""
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from segcompass.modeling.slot_mapper import SlotMapper
+
+B, K, D_LLM, D_C, C, H, W, HEADS, DH = 2, 3, 24, 16, 12, 5, 6, 4, 8
+
+
+def mapper(**kwargs) -> SlotMapper:
+    torch.manual_seed(0)
+    return SlotMapper(llm_dim=D_LLM, concept_dim=D_C, image_dim=C, query_dim=20, mlp_hidden=32,
+                      num_heads=HEADS, head_dim=DH, map_hidden=8, **kwargs)
+
+
+def test_shapes_and_per_head_reference():
+    sm = mapper()
+    e, r, image = torch.randn(B, K, D_LLM), torch.randn(B, K, D_C), torch.randn(B, C, H, W)
+    out = sm(e, r, image)
+    assert out.heatmap_logits.shape == (B, K, 4 * H, 4 * W)
+    assert out.confidence_logits.shape == (B, K)
+
+    # Slow reference: one head at a time, one slot at a time, keys as (h*w, C) rows.
+    with torch.no_grad():
+        q = sm.query_mlp(torch.cat([e, r], -1))  # (B, K, d_q)
+        keys = image.flatten(2).transpose(1, 2)  # (B, C, H, W) -> (B, HW, C)
+        w_k = sm.key_proj.weight[:, :, 0, 0]  # (N_h*d_h, C)
+        heatmaps, pooled = [], []
+        for b in range(B):
+            for k in range(K):
+                per_head = []
+                for i in range(HEADS):
+                    rows = slice(i * DH, (i + 1) * DH)
+                    qi = q[b, k] @ sm.query_proj.weight[rows].T + sm.query_proj.bias[rows]
+                    ki = keys[b] @ w_k[rows].T + sm.key_proj.bias[rows]
+                    per_head.append((ki @ qi / math.sqrt(DH)).view(H, W))
+                s = torch.stack(per_head)  # (N_h, H, W)
+                pooled.append(torch.cat([s.amax((1, 2)), s.mean((1, 2)), q[b, k]]))
+                heat = sm.map_head(s[None])
+                heatmaps.append(F.interpolate(heat, scale_factor=4, mode="bilinear")[0, 0])
+        expected_heat = torch.stack(heatmaps).view(B, K, 4 * H, 4 * W)
+        expected_conf = sm.confidence_head(torch.stack(pooled)).view(B, K)
+    torch.testing.assert_close(out.heatmap_logits, expected_heat, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(out.confidence_logits, expected_conf, atol=1e-5, rtol=1e-5)
+
+
+def test_score_only_confidence_and_gradients():
+    sm = mapper(confidence_uses_query=False)
+    e = torch.randn(B, K, D_LLM, requires_grad=True)
+    out = sm(e, torch.randn(B, K, D_C), torch.randn(B, C, H, W))
+    assert sm.confidence_head[0].in_features == 2 * HEADS
+    (out.heatmap_logits.sum() + out.confidence_logits.sum()).backward()
+    assert e.grad.abs().sum() > 0 and sm.key_proj.weight.grad.abs().sum() > 0
