@@ -1,0 +1,233 @@
+"""Beyond the paper: name each frequently active SAE atom by the world concept it detects.
+
+Concepts of a token:
+  image tokens  the attributes of every object whose pixels fall in the token's patch
+                ('image:colour=red', 'image:shape=circle', 'image:size=large'), or
+                'image:background' when no object does (more than `min_fraction` of the
+                patch, 0 = any pixel);
+  text tokens   the concept word the token itself spells ('text:red', 'text:circle'
+                (plurals fold to the singular), 'text:large', 'text:left', 'text:above',
+                'text:largest', 'text:top' ...); other words have no concept;
+  special       none.
+Image and text concepts are kept apart on purpose: an atom that fires on red patches and
+on the word "red" shows up as two candidate names, each with its own recall.
+
+For an atom a active (|h| > activation_threshold) on `count` >= min_count tokens and a
+concept c: precision = P(c | a active), recall = P(a active | c), F1 their harmonic mean,
+all over the tokens given. The atom's name is its best-F1 concept; it is confident when
+that F1 >= f1_threshold. Text concepts match whole tokens: with a subword tokenizer
+(the 7B models) a word split into pieces ('▁tri', 'angle') gets no concept.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import NamedTuple
+
+import numpy as np
+import pandas as pd
+import scipy.sparse
+from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
+
+from analyses.patches import as_numpy, grid_of, patch_fractions, rows_by_sample
+from analyses.plotting import label_axes, new_figure
+from saekit.inputs import TokenType
+from saekit.sparse import SparseCodes
+from segcompass.data.world_language import RELATIONS, SUPERLATIVES
+from segcompass.data.world_render import COLOURS, COLUMNS, ROWS, SHAPE_PLURALS, SHAPES, SIZES
+
+BACKGROUND = "image:background"
+
+
+def _text_concepts() -> dict[str, str]:
+    """Concept word -> concept key ('crosses' -> 'text:cross')."""
+    words = {w: w for w in [*COLOURS, *SHAPES, *SIZES, *SUPERLATIVES, *ROWS, *COLUMNS]}
+    words.update({plural: shape for shape, plural in SHAPE_PLURALS.items()})
+    for relation in RELATIONS:  # 'left of' -> 'left'; 'of' alone is not a concept
+        words.setdefault(relation.split()[0], relation.split()[0])
+    return {word: f"text:{concept}" for word, concept in words.items()}
+
+
+TEXT_CONCEPTS: dict[str, str] = _text_concepts()
+"""Every word that names a text concept, mapped to its key."""
+
+
+class SceneObject(NamedTuple):
+    mask: np.ndarray
+    """(H, W) bool visible pixels, in the frame the model saw."""
+    concepts: tuple[str, ...]
+    """Its image concepts, e.g. ('image:colour=red', 'image:shape=circle', 'image:size=large')."""
+
+
+def world_scene_objects(sample) -> list[SceneObject]:
+    """The objects of a `segcompass.data.world.WorldSample` with their colour, shape and size."""
+    return [SceneObject(o.mask, (f"image:colour={o.colour}", f"image:shape={o.shape}", f"image:size={o.size}"))
+            for o in sample.objects]
+
+
+def normalise_token(token: str) -> str:
+    """'▁Red' / 'Ġred' / ' red,' -> 'red' (SentencePiece and byte-level BPE word markers removed)."""
+    return token.replace("▁", "").replace("Ġ", "").strip().strip(".,:;!?'\"").lower()
+
+
+def token_concepts(token_types, image_grid, token_sample_index, token_strings: Sequence[str],
+                   scenes: Sequence[Sequence[SceneObject]], grid_shape, *, min_fraction: float = 0.0
+                   ) -> list[tuple[str, ...]]:
+    """The concepts of each of N tokens (see the module docstring).
+
+    token_strings (N,) the tokens as the tokenizer spells them (`convert_ids_to_tokens`);
+    scenes[b] the objects of sample b; grid_shape (rows, cols), shared or per sample.
+    """
+    types, grid = as_numpy(token_types).astype(np.int64), as_numpy(image_grid).astype(np.int64)
+    samples = as_numpy(token_sample_index).astype(np.int64)
+    out: list[tuple[str, ...]] = [()] * len(types)
+    for t in np.flatnonzero((types == TokenType.PROMPT) | (types == TokenType.RESPONSE)):
+        concept = TEXT_CONCEPTS.get(normalise_token(token_strings[t]))
+        out[t] = (concept,) if concept else ()
+    on_grid = (types == TokenType.IMAGE) & (grid[:, 0] >= 0)
+    for sample, rows in rows_by_sample(on_grid, samples).items():
+        shape = grid_of(grid_shape, sample)
+        under = [patch_fractions(obj.mask, shape)[grid[rows, 0], grid[rows, 1]] > min_fraction
+                 for obj in scenes[sample]]  # per object: (n_image,) bool
+        for i, t in enumerate(rows):
+            names = sorted({c for obj, hit in zip(scenes[sample], under) if hit[i] for c in obj.concepts})
+            out[t] = tuple(names) or (BACKGROUND,)
+    return out
+
+
+def concept_matrix(concepts: Sequence[Sequence[str]]) -> tuple[list[str], np.ndarray]:
+    """(sorted concept names, (N, C) bool token-has-concept matrix)."""
+    names = sorted({c for token in concepts for c in token})
+    column = {name: i for i, name in enumerate(names)}
+    matrix = np.zeros((len(concepts), len(names)), dtype=bool)
+    for t, token in enumerate(concepts):
+        matrix[t, [column[c] for c in token]] = True
+    return names, matrix
+
+
+def _best(co: np.ndarray, atom_count: np.ndarray, concept_count: np.ndarray):
+    """Precision, recall, F1 of each atom's best-F1 concept: rows of co (A, C) co-occurrences."""
+    precision = co / np.maximum(atom_count[:, None], 1)
+    recall = co / np.maximum(concept_count[None, :], 1)
+    f1 = np.where(co > 0, 2 * precision * recall / np.maximum(precision + recall, 1e-12), 0.0)
+    best = f1.argmax(axis=1)  # first concept wins ties (names are sorted)
+    pick = np.arange(len(co))
+    return best, precision[pick, best], recall[pick, best], f1[pick, best]
+
+
+def name_atoms(codes: SparseCodes, concept_names: Sequence[str], has_concept: np.ndarray, *,
+               min_count: int = 20, f1_threshold: float = 0.5, activation_threshold: float = 0.0
+               ) -> pd.DataFrame:
+    """Name every atom active on >= min_count of the N tokens by its best-F1 concept.
+
+    has_concept (N, C) bool from `concept_matrix`. Returns columns atom, name ('unnamed'
+    unless confident), best_concept, precision, recall, f1, count, confident; sorted by
+    descending F1.
+    """
+    if not len(concept_names):
+        raise ValueError("no concepts to name atoms by: no token carries a concept")
+    if has_concept.shape != (codes.n_tokens, len(concept_names)):
+        raise ValueError(f"concept matrix {has_concept.shape} does not match {codes.n_tokens} tokens "
+                         f"x {len(concept_names)} concepts")
+    active = (codes.values.detach().abs() > activation_threshold).cpu().numpy()
+    rows, atoms = codes.row_ids().cpu().numpy()[active], codes.indices.cpu().numpy()[active]
+    # (N, d_sae) binary "atom active at token"; duplicates cannot occur (CSR rows are unique).
+    fired = scipy.sparse.csr_matrix((np.ones(len(rows)), (rows, atoms)), shape=(codes.n_tokens, codes.d_sae))
+    atom_count = np.asarray(fired.sum(axis=0)).ravel()  # (d_sae,)
+    frequent = np.flatnonzero(atom_count >= min_count)
+    co = np.asarray((fired[:, frequent].T @ has_concept.astype(np.float64)))  # (A, C) co-occurrence counts
+    best, precision, recall, f1 = _best(co, atom_count[frequent], has_concept.sum(axis=0))
+    names = np.asarray(concept_names, dtype=object)[best]
+    confident = f1 >= f1_threshold
+    table = pd.DataFrame({"atom": frequent.astype(np.int64), "name": np.where(confident, names, "unnamed"),
+                          "best_concept": names, "precision": precision, "recall": recall, "f1": f1,
+                          "count": atom_count[frequent].astype(np.int64), "confident": confident})
+    return table.sort_values(["f1", "atom"], ascending=[False, True], ignore_index=True)
+
+
+def name_atoms_reference(codes: SparseCodes, concept_names: Sequence[str], has_concept: np.ndarray, *,
+                         min_count: int = 20, activation_threshold: float = 0.0) -> dict[int, tuple[str, float]]:
+    """Dense loop definition: atom -> (best concept, its F1), for parity tests on small inputs."""
+    dense = codes.to_dense().abs().cpu().numpy() > activation_threshold  # (N, d_sae)
+    out = {}
+    for atom in range(codes.d_sae):
+        on = dense[:, atom]
+        if on.sum() < min_count:
+            continue
+        scores = []
+        for c in range(len(concept_names)):
+            both = (on & has_concept[:, c]).sum()
+            p, r = both / on.sum(), both / max(has_concept[:, c].sum(), 1)
+            scores.append(2 * p * r / (p + r) if both else 0.0)
+        best = int(np.argmax(scores))
+        out[atom] = (concept_names[best], float(scores[best]))
+    return out
+
+
+class NamingCoverage(NamedTuple):
+    n_atoms: int
+    """Atoms used by the codebook (the denominator)."""
+    n_frequent: int
+    """Of those, atoms active often enough to be judged (>= min_count tokens)."""
+    n_named: int
+    """Of those, atoms with a confident name."""
+    fraction: float
+    """n_named / n_atoms: atoms below min_count count as unnamed."""
+
+
+def naming_coverage(table: pd.DataFrame, codebook_atoms) -> NamingCoverage:
+    """What fraction of the codebook's atoms (e.g. those surviving its threshold) got a confident name."""
+    atoms = np.unique(as_numpy(codebook_atoms).astype(np.int64))
+    judged = table[table.atom.isin(atoms)]
+    n_named = int(judged.confident.sum())
+    return NamingCoverage(len(atoms), len(judged), n_named, n_named / len(atoms) if len(atoms) else float("nan"))
+
+
+def concept_label(concept: str) -> str:
+    """Readable concept: 'image:colour=red' -> 'red (image colour)', 'text:left' -> '"left" (text)'."""
+    if concept == BACKGROUND:
+        return "background (image)"
+    if concept.startswith("image:"):
+        kind, _, value = concept.removeprefix("image:").partition("=")
+        return f"{value} (image {kind})"
+    if concept.startswith("text:"):
+        return f'"{concept.removeprefix("text:")}" (text)'
+    return concept
+
+
+def atom_labels(table: pd.DataFrame) -> dict[int, str]:
+    """atom -> 'red (image colour), F1 0.82' for every confidently named atom."""
+    named = table[table.confident]
+    return {int(a): f"{concept_label(c)}, F1 {f:.2f}" for a, c, f in zip(named.atom, named.best_concept, named.f1)}
+
+
+def format_atom_names(atoms, labels: dict[int, str]) -> list[str]:
+    """One line per atom for the predict report: '#123 red (image colour), F1 0.82' or '#123 (unnamed)'."""
+    return [f"#{int(a)} {labels.get(int(a), '(unnamed)')}" for a in as_numpy(atoms).reshape(-1)]
+
+
+def load_atom_labels(csv_path: str | Path) -> dict[int, str]:
+    """`atom_labels` of a naming table written as CSV (`analyses.plotting.write_csv`)."""
+    table = pd.read_csv(csv_path)
+    table["confident"] = table["confident"].astype(str).str.lower() == "true"
+    return atom_labels(table)
+
+
+def plot_naming(table: pd.DataFrame, *, f1_threshold: float = 0.5, top: int = 20,
+                title: str = "SAE atoms named by world concepts") -> Figure:
+    """Left: best-F1 histogram of the frequent atoms with the threshold; right: named atoms per concept."""
+    fig, (left, right) = new_figure(2, width=5.4, height=4.6)
+    left.hist(table.f1, bins=np.linspace(0, 1, 21), color="#1f77b4", alpha=0.8,
+              label=f"frequent atoms (n={len(table)})")
+    left.axvline(f1_threshold, color="#d62728", linestyle="--", label=f"confident: F1 >= {f1_threshold}")
+    label_axes(left, "best-concept F1", "number of atoms", "How well each atom matches a concept")
+    left.legend(fontsize="small")
+    counts = table[table.confident].best_concept.value_counts().head(top)[::-1]
+    right.barh([concept_label(c) for c in counts.index], counts.values, color="#2ca02c")
+    label_axes(right, "confidently named atoms", "concept", f"Top {len(counts)} concepts")
+    left.yaxis.set_major_locator(MaxNLocator(integer=True))
+    right.xaxis.set_major_locator(MaxNLocator(integer=True))
+    fig.suptitle(title)
+    return fig
