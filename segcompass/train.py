@@ -44,8 +44,10 @@ class TrainConfig:
     """SAE folder trained on the policy's layer `sae_layer` (`saekit train` output)."""
     out: Path = Path("runs/segcompass")
     """Output folder: checkpoint/, final/, metrics.jsonl."""
-    mode: Literal["seg"] = "seg"
-    """Training mode. `seg`: segmentation supervision only (GRPO modes: see issue 5)."""
+    mode: Literal["seg", "rl", "rl+seg"] = "seg"
+    """Training mode (Table 4). `seg`: segmentation supervision on teacher-forced ground-truth
+    reasoning; `rl`: GRPO on the policy's own rollouts only; `rl+seg`: GRPO plus segmentation
+    supervision on the same rollout forward pass, one backward (`segcompass.grpo`)."""
     sae_layer: int = 2
     """Policy layer the SAE reads (saekit numbering: HF hidden_states[L])."""
     policy_preset: str = "tiny-llava"
@@ -94,6 +96,27 @@ class TrainConfig:
     """torch CPU threads; 0 = all cores."""
     device: str = "auto"
     """'auto' (cuda when available), 'cpu', 'cuda', ..."""
+    # ---- GRPO (modes rl, rl+seg; segcompass.grpo). Ignored by mode seg. ----
+    group_size: int = 8
+    """G: rollouts sampled per prompt (paper: 8; Figure 6 varies it)."""
+    rl_prompts: int = 2
+    """World samples (prompts) per GRPO step; the step trains on rl_prompts x group_size rollouts."""
+    kl_coef: float = 0.2
+    """beta: weight of the k3 KL to the frozen reference policy (paper: 0.2)."""
+    clip_epsilon: float = 0.2
+    """PPO ratio clip epsilon (paper: 0.2)."""
+    temperature: float = 1.0
+    """Sampling temperature of the rollouts (evaluation always decodes greedily)."""
+    max_new_tokens: int = 96
+    """Longest rollout, in tokens."""
+    format_reward_weight: float = 0.3
+    """w_format of the reward (paper: 0.3; Table 6)."""
+    mask_reward_weight: float = 0.7
+    """w_mask of the reward (paper: 0.7; Table 6)."""
+    confidence_threshold: float = 0.5
+    """Multi-object mask reward: slots with sigmoid(c_k) >= this are predictions."""
+    grad_accum: int = 1
+    """Micro-batches per optimizer step, per process (each must hold whole groups)."""
 
     def __post_init__(self) -> None:
         for name in ("steps", "batch_size", "log_every", "checkpoint_every"):
@@ -101,6 +124,10 @@ class TrainConfig:
                 raise UserError(f"train: --{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
         if self.lr <= 0 or not 0 < self.pct_start < 1:
             raise UserError(f"train: need --lr > 0 and 0 < --pct-start < 1 (got {self.lr}, {self.pct_start})")
+        if self.mode != "seg":
+            from segcompass.grpo import check_grpo_config
+
+            check_grpo_config(self)
 
     def model_config(self) -> SegCompassConfig:
         return SegCompassConfig(policy_preset=self.policy_preset, sae_layer=self.sae_layer,
@@ -141,6 +168,8 @@ class StepResult(NamedTuple):
     """Loss components of the step."""
     match_iou: float
     """Mean soft IoU of the matched (slot, target) pairs."""
+    sae_mse: float
+    """The frozen SAE's reconstruction MSE on the batch's SAE tokens (Figure 8's x axis)."""
 
 
 def seg_step(model: SegCompass, batch: SegBatch, loss_cfg: SegLossConfig) -> StepResult:
@@ -150,11 +179,18 @@ def seg_step(model: SegCompass, batch: SegBatch, loss_cfg: SegLossConfig) -> Ste
     loss = segmentation_loss(out.head.heatmap_logits, out.head.mask_logits, out.head.confidence_logits,
                              batch.frame_targets, loss_cfg)
     scores = [float(s) for m in loss.matches for s in m.score]
-    return StepResult(loss, sum(scores) / len(scores) if scores else 0.0)
+    with torch.no_grad():
+        tokens = out.slots.sae_tokens.to(model.sae.W_enc.dtype)
+        sae_mse = float((model.sae(tokens) - tokens).pow(2).sum(-1).mean())
+    return StepResult(loss, sum(scores) / len(scores) if scores else 0.0, sae_mse)
 
 
 def train(cfg: TrainConfig, *, progress: bool = True, stop_after: int | None = None) -> Path:
     """Run (or resume) training; returns the final checkpoint folder `out/final`."""
+    if cfg.mode != "seg":  # GRPO modes run on TRL (segcompass.grpo); everything below is mode seg
+        from segcompass.grpo import train_grpo
+
+        return train_grpo(cfg, progress=progress, stop_after=stop_after)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     device = resolve_device(cfg.device)
@@ -208,7 +244,7 @@ def _log(out: Path, step: int, result: StepResult, grad_norm, optimizer, seconds
     loss = result.loss
     record = {"step": step, "loss": loss.total.item(), "seg": loss.seg.item(),
               "heatmap_bce": loss.heatmap_bce.item(), "mask_dice": loss.mask_dice.item(),
-              "conf": loss.conf.item(), "match_iou": result.match_iou, "matched": loss.num_matched,
+              "conf": loss.conf.item(), "match_iou": result.match_iou, "sae_mse": result.sae_mse, "matched": loss.num_matched,
               "targets": loss.num_targets, "unmatched_targets": loss.num_unmatched_targets,
               "grad_norm": float(grad_norm), "step_seconds": seconds,
               "lr": {g["name"]: g["lr"] for g in optimizer.param_groups}}

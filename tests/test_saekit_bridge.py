@@ -81,3 +81,38 @@ def test_bridge_resid_post_equals_saekit_capture(bridge, saekit_llava, llava_bat
     for layer, hook in hooks.items():
         torch.testing.assert_close(cache[hook][valid].to(result.activations[layer].dtype),
                                    result.activations[layer], rtol=1e-5, atol=1e-6)
+
+
+def test_saekit_sae_through_sae_lens_on_the_bridge_matches_saekit_encode(
+        bridge, saekit_llava, llava_batch, tiny_llava_dir, fixtures_dir, tmp_path):
+    """An SAE trained by `saekit train` on the saved tiny LLaVA, loaded by sae-lens and fed the
+    bridge's activations at the hook named in its cfg.json, gives saekit's sparse codes."""
+    import json
+
+    from sae_lens import SAE
+
+    from saekit.cli import main
+    from saekit.sae import encode_sparse, load_sae
+
+    photos = sorted((fixtures_dir / "labelme").glob("*.jpg"))
+    data = tmp_path / "data.jsonl"
+    data.write_text("".join(json.dumps({"image": str(p), "text": f"photo {i} of a scene"}) + "\n"
+                            for i, p in enumerate(photos * 2)))
+    out = tmp_path / "sae"
+    assert main(["train", "--model", "tiny-llava", "--model-path", str(tiny_llava_dir), "--layer", "2",
+                 "--data", str(data), "--out", str(out), "--d-sae", "256", "--batch-size", "64",
+                 "--training-tokens", str(64 * 6), "--warmup-steps", "1", "--lr", "1e-3",
+                 "--no-progress"]) == 0
+    sae_lens_sae = SAE.load_from_disk(out)
+    hook = sae_lens_sae.cfg.metadata.hook_name
+    assert hook == layer_metadata(saekit_llava.preset, 2)["transformer_lens_hook"] == "blocks.1.hook_resid_post"
+    inputs = llava_batch.model_inputs
+    with torch.no_grad():
+        _, cache = bridge.run_with_cache(
+            inputs["input_ids"], pixel_values=inputs["pixel_values"],
+            attention_mask=inputs["attention_mask"], names_filter=lambda name: name == hook)
+        bridge_latents = sae_lens_sae.encode(cache[hook][llava_batch.attention_mask.bool()])
+    acts = capture(saekit_llava, llava_batch, [2]).activations[2]
+    codes = encode_sparse(load_sae(out, expected_d_in=acts.shape[1]).sae, acts, chunk_tokens=50)
+    assert codes.indices.numel() > 0
+    torch.testing.assert_close(codes.to_dense(), bridge_latents, rtol=1e-4, atol=1e-5)

@@ -1,0 +1,183 @@
+"""SAE training configuration: the SAE-V recipe by default, every choice a documented field.
+
+Defaults follow the recipe the paper uses (SAE-V style, see shared notes): a ReLU SAE with
+d_sae = 65536, loss = Σ_d (x̂ − x)² + α·Σ_i f_i·‖W_dec,i‖₂ with α = 5, AdamW at lr 5e-5,
+linear warm-up then cosine decay to 0.1×lr, gradient-norm clip 1.0.
+
+Memory at d_sae = 65536 (fp32): parameters 2·d_in·d_sae·4 B (2 GiB at d_in 4096), their
+gradients as much again, AdamW's two moments twice that (6 GiB for parameters + Adam at
+d_in 4096, 8 GiB with gradients), plus two (batch_size × d_sae) activation buffers
+(2 GiB at batch 4096). `memory_estimate` prints this before training starts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Literal, NamedTuple
+
+from saekit.cache import TOKEN_TYPE_NAMES, token_type_codes
+from saekit.errors import UserError
+
+Architecture = Literal["standard", "topk"]
+Normalization = Literal["none", "expected_average_only_in"]
+GIB = 1024 ** 3
+
+
+@dataclasses.dataclass(frozen=True)
+class SAETrainConfig:
+    """What to train on, the SAE's shape, and the optimisation recipe."""
+
+    out: Path
+    """Output folder: cfg.json + sae_weights.safetensors (sae-lens format), saekit.json, metrics.jsonl, checkpoints/. Re-running on the same folder resumes from its last checkpoint."""
+    cache: Path | None = None
+    """Activation cache written by `saekit cache` to train from (default: capture on the fly from --model/--data)."""
+    model: str | None = None
+    """Model preset to capture from when there is no --cache (e.g. llava-1.5-7b, tiny-llava)."""
+    model_path: Path | None = None
+    """Local folder with the model weights (default: the preset's hub id in the local HF cache)."""
+    data: Path | None = None
+    """Image-text data to capture on the fly: a .jsonl (plain or OBELICS documents) or a datasets.save_to_disk folder."""
+    layer: int | None = None
+    """Hooked layer L = HF hidden_states[L] (output of block L counted from 1; TransformerLens blocks.{L-1}.hook_resid_post). Default: the cache's only layer, or the preset's default layer."""
+    token_types: tuple[str, ...] = ("image", "prompt", "response")
+    """Token types to train on: any of image, prompt, response, special. Default: one SAE over image and text tokens; special tokens (BOS, chat markers) are left out because the BOS residual is a massive-norm outlier that would dominate the normalisation and the loss."""
+    architecture: Architecture = "standard"
+    """standard: ReLU SAE with decoder-norm-scaled L1 (the paper's); topk: TopK SAE with the AuxK dead-latent loss."""
+    d_sae: int = 65536
+    """Number of SAE latents (the paper's 65536; see the memory estimate printed before training)."""
+    k: int = 64
+    """Active latents per token of a topk SAE."""
+    l1_coefficient: float = 5.0
+    """α of the standard SAE's sparsity term α·Σ_i f_i·‖W_dec,i‖₂ (the paper's 5)."""
+    lr: float = 5e-5
+    """Peak learning rate of AdamW."""
+    warmup_steps: int = 500
+    """Steps of linear learning-rate warm-up from lr/warmup_steps to lr."""
+    lr_end_ratio: float = 0.1
+    """After warm-up the learning rate follows a cosine from lr down to lr_end_ratio·lr at the last step."""
+    grad_clip: float = 1.0
+    """Clip the global gradient norm to this value (0 disables)."""
+    adam_beta1: float = 0.9
+    """AdamW β1."""
+    adam_beta2: float = 0.999
+    """AdamW β2."""
+    weight_decay: float = 0.0
+    """AdamW decoupled weight decay (0: the sparsity term already penalises decoder norms)."""
+    batch_size: int = 4096
+    """Tokens per optimisation step."""
+    training_tokens: int = 100_000_000
+    """Tokens to train on (steps = training_tokens // batch_size). A cache is cycled in reshuffled epochs; on-the-fly capture makes one pass and stops early if the data runs out."""
+    normalize: Normalization = "expected_average_only_in"
+    """expected_average_only_in: scale inputs by s so that E‖s·x‖ = sqrt(d_in) (as sae-lens), estimated before training and folded into the saved weights; none: raw activations."""
+    norm_estimate_batches: int = 16
+    """Batches read (from the start of the data) to estimate the normalisation scale and the activation mean."""
+    init_b_dec: Literal["mean", "zeros"] = "mean"
+    """Initial decoder bias: the (normalised) activation mean of the estimate batches, so training starts from the mean reconstruction (FVU 1); or zeros."""
+    aux_k: int | None = None
+    """topk: dead latents used by the AuxK loss per token (default d_in // 2, as Gao et al. 2024)."""
+    aux_coefficient: float = 1 / 32
+    """topk: weight of the AuxK loss (Gao et al. 2024's 1/32)."""
+    dead_tokens_window: int = 10_000_000
+    """A latent that has not fired for this many training tokens counts as dead (dead_fraction metric; AuxK targets)."""
+    log_every: int = 100
+    """Append a metrics line to metrics.jsonl every this many steps (and at the last step)."""
+    checkpoint_every: int = 1000
+    """Write a resumable checkpoint every this many steps (0: only the final files)."""
+    keep_checkpoints: bool = False
+    """Keep checkpoints/ after the final files are written (default: delete them, they hold optimiser state)."""
+    seed: int = 0
+    """Seed of the weight initialisation and the data shuffling."""
+    device: str = "auto"
+    """Device: auto (cuda when available, else cpu), cpu, cuda, cuda:1, ..."""
+    dtype: Literal["float32", "bfloat16"] = "float32"
+    """Dtype of weights, optimiser state and arithmetic. float32 is the recipe; bfloat16 halves memory on a GPU (never on a CPU: its bf16 matmuls are ~300x slower)."""
+    samples_per_forward: int = 8
+    """On-the-fly capture: samples per model forward pass."""
+    strict: bool = False
+    """On-the-fly capture: stop at the first missing or unreadable image instead of skipping it."""
+
+    def __post_init__(self) -> None:
+        _check_positive(self, ("d_sae", "k", "batch_size", "training_tokens", "log_every",
+                               "norm_estimate_batches", "dead_tokens_window", "samples_per_forward"))
+        _check_non_negative(self, ("l1_coefficient", "warmup_steps", "grad_clip", "weight_decay",
+                                   "aux_coefficient", "checkpoint_every"))
+        if not self.lr > 0:
+            raise UserError(f"lr must be > 0, got {self.lr}")
+        if not 0 <= self.lr_end_ratio <= 1:
+            raise UserError(f"lr_end_ratio must be in [0, 1], got {self.lr_end_ratio}")
+        for name in ("adam_beta1", "adam_beta2"):
+            if not 0 <= getattr(self, name) < 1:
+                raise UserError(f"{name} must be in [0, 1), got {getattr(self, name)}")
+        if self.architecture == "topk" and self.k > self.d_sae:
+            raise UserError(f"k ({self.k}) must not exceed d_sae ({self.d_sae})")
+        if self.aux_k is not None and self.aux_k < 1:
+            raise UserError(f"aux_k must be >= 1, got {self.aux_k}")
+        if self.total_steps < 1:
+            raise UserError(f"training_tokens ({self.training_tokens}) must be at least one "
+                            f"batch ({self.batch_size} tokens)")
+        if self.warmup_steps >= self.total_steps:
+            raise UserError(f"warmup_steps ({self.warmup_steps}) must be smaller than the number "
+                            f"of steps ({self.total_steps} = training_tokens // batch_size); "
+                            "lower --warmup-steps or raise --training-tokens")
+        if self.cache is None and (self.model is None or self.data is None):
+            raise UserError("give --cache DIR, or --model NAME and --data DATA to capture on the fly")
+        if self.cache is not None and (self.data is not None or self.model_path is not None):
+            raise UserError("--cache already fixes model and data: drop --data / --model-path")
+        token_type_codes(self.token_types)  # validates the names
+        if self.layer is not None and self.layer < 1:
+            raise UserError(f"layer must be >= 1 (HF hidden_states index), got {self.layer}")
+
+    @property
+    def total_steps(self) -> int:
+        """Optimisation steps of the full run."""
+        return self.training_tokens // self.batch_size
+
+
+def _check_positive(cfg: SAETrainConfig, names: tuple[str, ...]) -> None:
+    for name in names:
+        if getattr(cfg, name) < 1:
+            raise UserError(f"{name} must be >= 1, got {getattr(cfg, name)}")
+
+
+def _check_non_negative(cfg: SAETrainConfig, names: tuple[str, ...]) -> None:
+    for name in names:
+        if getattr(cfg, name) < 0:
+            raise UserError(f"{name} must be >= 0, got {getattr(cfg, name)}")
+
+
+class MemoryEstimate(NamedTuple):
+    """Bytes the training run holds on its device (excluding the data reader and model)."""
+
+    parameters: int
+    """W_enc, b_enc, W_dec, b_dec."""
+    gradients: int
+    """One gradient per parameter."""
+    adam: int
+    """AdamW's first and second moments."""
+    activations: int
+    """Per-batch buffers: (batch, d_sae) pre-activations and their gradient, (batch, d_in) rows."""
+
+    @property
+    def total(self) -> int:
+        return self.parameters + self.gradients + self.adam + self.activations
+
+    def describe(self) -> str:
+        gib = lambda n: f"{n / GIB:.3g} GiB"  # noqa: E731
+        return (f"memory estimate: {gib(self.total)} = parameters {gib(self.parameters)} + "
+                f"gradients {gib(self.gradients)} + Adam state {gib(self.adam)} + "
+                f"batch activations {gib(self.activations)}")
+
+
+def memory_estimate(d_in: int, d_sae: int, batch_size: int, architecture: Architecture = "standard",
+                    bytes_per_value: int = 4) -> MemoryEstimate:
+    """Device memory of training an SAE of this shape (weights, gradients, AdamW, one batch).
+
+    topk keeps autograd's activations: about three more (batch, d_sae) tensors (top-k
+    scatter, AuxK selection and its gradient) than the standard fast path's two.
+    """
+    n_params = 2 * d_in * d_sae + d_sae + d_in
+    wide_buffers = 2 if architecture == "standard" else 5
+    rows = batch_size * (wide_buffers * (d_sae + 1) + 4 * (d_in + 1))
+    return MemoryEstimate(parameters=n_params * bytes_per_value, gradients=n_params * bytes_per_value,
+                          adam=2 * n_params * bytes_per_value, activations=rows * bytes_per_value)
