@@ -25,6 +25,8 @@ class SegBatch(NamedTuple):
     """Policy inputs: prompt + response, right-padded, with saekit token types."""
     frame_targets: list[Tensor]
     """Per sample (N, S, S) float target masks in SAM's padded square input frame."""
+    active_slots: list[int]
+    """Per sample, how many concentration tokens its prompt asks for (K_SINGLE or K_MULTI)."""
 
 
 def seg_batch(model, split: str, n: int, *, seed: int, start: int,
@@ -43,4 +45,4 @@ def batch_from_samples(model, samples: list[WorldSample], responses: Sequence[st
                               padding_side="right")
     targets = [targets_to_frame(torch.from_numpy(s.target_masks), input_size=model.sam_input_size)
                for s in samples]
-    return SegBatch(samples, images, model_batch, targets)
+    return SegBatch(samples, images, model_batch, targets, [k_for(s.multi_prompt) for s in samples])

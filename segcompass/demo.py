@@ -138,13 +138,15 @@ def _evaluate(cfg: DemoConfig, out: Path, checkpoint: Path) -> dict:
 
 def _reports(out: Path, checkpoint: Path) -> list[Path]:
     from segcompass.data.world import generate
-    from segcompass.report import write_report
+    from segcompass.model import load_segcompass
+    from segcompass.report import predict_report
 
-    reports = []
+    reports, model = [], None
     for sample in generate("val", 3, seed=12345):
         folder = out / sample.sample_id
         if _stage(f"prediction report {sample.sample_id}", (folder / "report.html").is_file()):
-            write_report(checkpoint, sample.image, sample.instruction, folder, multi=sample.multi_prompt)
+            model = model or load_segcompass(checkpoint)
+            predict_report(model, sample.image, sample.instruction, folder, multi=sample.multi_prompt)
         reports.append(folder / "report.html")
     return reports
 

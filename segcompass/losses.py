@@ -85,9 +85,15 @@ def _match_scores(heatmap: Tensor, mask: Tensor, resized: tuple[Tensor, Tensor],
 
 
 def segmentation_loss(heatmap_logits: Tensor, mask_logits: Tensor, confidence_logits: Tensor,
-                      targets: Sequence[Tensor], config: SegLossConfig = SegLossConfig()) -> SegLossOutput:
+                      targets: Sequence[Tensor], config: SegLossConfig = SegLossConfig(),
+                      active_slots: Sequence[int] | None = None) -> SegLossOutput:
     """heatmap_logits (B, K, Hh, Wh), mask_logits (B, K, Hm, Wm), confidence_logits (B, K);
-    targets: B tensors (N_b, H, W) in the model frame, N_b >= 0 -> SegLossOutput."""
+    targets: B tensors (N_b, H, W) in the model frame, N_b >= 0 -> SegLossOutput.
+
+    active_slots[b]: only slots 0..active_slots[b]-1 of sample b may be matched (the prompt
+    asked for that many concentration tokens; a single-object prompt asks for one, and the
+    predictor reads slot 0). The others only learn confidence 0. Default: all K slots.
+    """
     batch, slots = confidence_logits.shape
     if len(targets) != batch:
         raise ValueError(f"{len(targets)} target sets for a batch of {batch}")
@@ -97,7 +103,9 @@ def segmentation_loss(heatmap_logits: Tensor, mask_logits: Tensor, confidence_lo
     for b, target in enumerate(targets):
         target = target.to(heatmap_logits.device)
         resized = (resize_targets(target, heat_size), resize_targets(target, mask_size))
-        match = hungarian_match(_match_scores(heatmap_logits[b], mask_logits[b], resized, config.match_on))
+        usable = slots if active_slots is None else int(active_slots[b])
+        match = hungarian_match(_match_scores(heatmap_logits[b, :usable], mask_logits[b, :usable], resized,
+                                              config.match_on))
         matches.append(match)
         labels[b, match.slot] = 1.0
         pair_sample += [b] * len(match.slot)

@@ -177,7 +177,7 @@ def seg_step(model: SegCompass, batch: SegBatch, loss_cfg: SegLossConfig) -> Ste
     embeddings = model.image_embeddings(batch.images)
     out = model(batch.model_batch, embeddings)
     loss = segmentation_loss(out.head.heatmap_logits, out.head.mask_logits, out.head.confidence_logits,
-                             batch.frame_targets, loss_cfg)
+                             batch.frame_targets, loss_cfg, active_slots=batch.active_slots)
     scores = [float(s) for m in loss.matches for s in m.score]
     with torch.no_grad():
         tokens = out.slots.sae_tokens.to(model.sae.W_enc.dtype)

@@ -113,3 +113,23 @@ def test_config_is_checked():
         SegLossConfig(dice_weight=-1)
     with pytest.raises(ValueError, match="target sets"):
         segmentation_loss(torch.zeros(2, 1, 4, 4), torch.zeros(2, 1, 4, 4), torch.zeros(2, 1), [torch.zeros(0, 4, 4)])
+
+
+def test_active_slots_restrict_matching_to_the_prompted_slots():
+    """A single-object prompt asks for one concentration token: only slot 0 may take the target,
+    even when another slot happens to fit it better; the rest learn confidence 0."""
+    import torch
+
+    from segcompass.losses import segmentation_loss
+
+    target = torch.zeros(1, 8, 8)
+    target[0, :4, :4] = 1
+    mask = torch.full((1, 3, 8, 8), -8.0)
+    mask[0, 2, :4, :4] = 8.0  # slot 2 is the perfect fit
+    heat = mask.clone()
+    conf = torch.zeros(1, 3)
+    free = segmentation_loss(heat, mask, conf, [target])
+    assert free.matches[0].slot.tolist() == [2]
+    single = segmentation_loss(heat, mask, conf, [target], active_slots=[1])
+    assert single.matches[0].slot.tolist() == [0]
+    assert single.mask_dice.item() > 0.9  # slot 0 predicts nothing there: a large Dice loss
