@@ -123,7 +123,7 @@ def per_instance_coverage(codes: SparseCodes, token_types, image_grid, token_sam
     for sample, rows in rows_by_sample(on_grid, samples).items():
         masks = as_numpy(instance_masks[sample]).astype(bool)
         masks = masks[None] if masks.ndim == 2 else masks  # (n_b, H, W)
-        masks = masks[masks.reshape(len(masks), -1).any(axis=1)]  # drop empty instances
+        masks = masks[masks.any(axis=(1, 2))]  # drop empty instances (a no-target sample has none)
         if not len(masks):
             continue
         shape = grid_of(grid_shape, sample)

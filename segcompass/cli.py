@@ -15,6 +15,8 @@ COMMANDS: dict[str, str] = {
     "train": "Train SegCompass (policy above the SAE layer, head, SAM decoder) with segmentation supervision.",
     "eval": "Evaluate a SegCompass checkpoint on world splits: gIoU, cIoU, N-acc, T-acc, RLE predictions.",
     "predict": "Segment one image from an instruction and write an inspectable HTML report.",
+    "analyze": "Interpretability analyses of a checkpoint: Figures 4, 5, 8, faithfulness, concept naming.",
+    "ablate": "Run an ablation (training modes, reward, GRPO group size, backbone) on the embedded world.",
 }
 
 

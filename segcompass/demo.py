@@ -74,9 +74,12 @@ def run_demo(cfg: DemoConfig) -> Path:
     t = time.perf_counter()
     scores = _evaluate(cfg, out / "eval", checkpoint)
     timings["eval"] = time.perf_counter() - t
-    reports = _reports(out / "predict", checkpoint)
+    t = time.perf_counter()
+    analyses = _analyses(cfg, out / "analyses", checkpoint)
+    timings["analyses"] = time.perf_counter() - t
+    reports = _reports(out / "predict", checkpoint, _atom_names(out / "analyses"))
     timings["total"] = time.perf_counter() - t0
-    index = _index(out, cfg, scores, reports, timings)
+    index = _index(out, cfg, scores, reports, timings, analyses)
     print(f"\nresults table:\n{(out / 'eval' / 'metrics.md').read_text()}")
     print(f"index page: {index.resolve()}")
     return index
@@ -136,7 +139,26 @@ def _evaluate(cfg: DemoConfig, out: Path, checkpoint: Path) -> dict:
     return json.loads((out / "metrics.json").read_text())
 
 
-def _reports(out: Path, checkpoint: Path) -> list[Path]:
+def _analyses(cfg: DemoConfig, out: Path, checkpoint: Path) -> dict:
+    from analyses.run_all import SUMMARY_FILE, run_all
+
+    if _stage("analyses: Figures 4, 5, 8, faithfulness, concept naming", (out / SUMMARY_FILE).is_file()):
+        run_all(checkpoint, out, split="val", n=16 if cfg.quick else 48, seed=cfg.seed + 7,
+                faith_items=8 if cfg.quick else 24, progress=True)
+    summary = json.loads((out / SUMMARY_FILE).read_text())
+    print("acceptance (issue 6):", json.dumps(summary["acceptance"], indent=1))
+    return summary
+
+
+def _atom_names(analyses: Path) -> dict[int, str]:
+    """Concept names of the SAE atoms (`analyses.run_all` writes names.csv) for the reports."""
+    from analyses.concept_naming import load_atom_labels
+
+    names = analyses / "names.csv"
+    return load_atom_labels(names) if names.is_file() else {}
+
+
+def _reports(out: Path, checkpoint: Path, atom_names: dict[int, str] | None = None) -> list[Path]:
     from segcompass.data.world import generate
     from segcompass.model import load_segcompass
     from segcompass.report import predict_report
@@ -146,19 +168,26 @@ def _reports(out: Path, checkpoint: Path) -> list[Path]:
         folder = out / sample.sample_id
         if _stage(f"prediction report {sample.sample_id}", (folder / "report.html").is_file()):
             model = model or load_segcompass(checkpoint)
-            predict_report(model, sample.image, sample.instruction, folder, multi=sample.multi_prompt)
+            predict_report(model, sample.image, sample.instruction, folder, multi=sample.multi_prompt,
+                           atom_names=atom_names)
         reports.append(folder / "report.html")
     return reports
 
 
-def _index(out: Path, cfg: DemoConfig, scores: dict, reports: list[Path], timings: dict) -> Path:
+def _index(out: Path, cfg: DemoConfig, scores: dict, reports: list[Path], timings: dict,
+           analyses: dict | None = None) -> Path:
     links = "".join(f'<li><a href="{html.escape(str(r.relative_to(out)))}">{html.escape(r.parent.name)}</a></li>'
                     for r in reports)
+    files = (analyses or {}).get("files", {})
+    figures = "".join(f'<li><a href="analyses/{html.escape(f["png"])}">{html.escape(stem)}</a></li>'
+                      for stem, f in files.items() if "png" in f)
+    accept = json.dumps((analyses or {}).get("acceptance", {}), indent=1)
     table = (out / "eval" / "metrics.md").read_text() if (out / "eval" / "metrics.md").is_file() else ""
     page = (f"<!doctype html><meta charset='utf-8'><title>segcompass demo</title>"
             f"<h1>segcompass demo{' (quick)' if cfg.quick else ''}</h1>"
             f"<h2>Evaluation</h2><pre>{html.escape(table)}</pre>"
             f"<h2>Prediction reports</h2><ul>{links}</ul>"
+            f"<h2>Analyses</h2><ul>{figures}</ul><pre>{html.escape(accept)}</pre>"
             f"<h2>Timings (s)</h2><pre>{html.escape(json.dumps({k: round(v, 1) for k, v in timings.items()}, indent=1))}</pre>")
     path = out / "index.html"
     path.write_text(page)

@@ -117,6 +117,9 @@ class TrainConfig:
     """Multi-object mask reward: slots with sigmoid(c_k) >= this are predictions."""
     grad_accum: int = 1
     """Micro-batches per optimizer step, per process (each must hold whole groups)."""
+    rollout_engine: Literal["generate", "vllm-colocate", "vllm-server"] = "generate"
+    """Who samples the rollouts: `generate` (HF, KV cache, keyed sampling: identical rollouts on
+    any number of processes) or TRL's vLLM backends (GPU; see docs/multi_gpu.md)."""
 
     def __post_init__(self) -> None:
         for name in ("steps", "batch_size", "log_every", "checkpoint_every"):

@@ -1,0 +1,407 @@
+"""Every analysis of issue 6 on one trained checkpoint: PNG + CSV/JSON each, and summary.json.
+
+    figure4_activation_patterns   active atoms per token by group over τ (Figure 4)
+    figure5_instance_coverage     instance coverage of the top-K% image tokens vs random (Figure 5)
+    figure8_correlation           training SAE MSE vs Dice (from <run>/metrics.jsonl) and test-time
+                                  heatmap IoU vs mask IoU per instance (Figure 8)
+    faithfulness                  deletion / insertion of each sample's top slot's provenance atoms
+                                  vs random active atoms, mask IoU (+ faithfulness_curves.csv)
+    concept_naming                atoms named by world concepts: names.csv (the naming table,
+                                  `analyses.concept_naming.load_atom_labels` reads it) and
+                                  atom_names.json ({"atom": "label"}, `segcompass predict --atom-names`)
+    summary.json                  the acceptance numbers, each analysis's summary, the files
+
+All analyses read one `analyses.collect.Collected` (the first n samples of a world split,
+teacher-forced by default). The checkpoint folder is `<run>/final`; its training log is
+`<run>/metrics.jsonl` when the run folder has one.
+
+Which slot is a sample's "top slot" (faithfulness): slots are matched to the targets by
+Hungarian matching on the masks' soft IoU (as in training), and the matched pair with the
+highest hard mask IoU is taken; its target is the ground truth the IoU is measured against.
+Samples without a target, or whose best pair has IoU below `faith_min_iou`, give no item
+(nothing can drop from a mask that already misses).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal, NamedTuple
+
+import numpy as np
+import pandas as pd
+import torch
+from matplotlib.figure import Figure
+
+from analyses import activation_patterns as fig4
+from analyses import concept_naming as naming
+from analyses import correlation as fig8
+from analyses import faithfulness as faith
+from analyses import instance_coverage as fig5
+from analyses.collect import Collected, collect_checkpoint
+from analyses.plotting import new_figure, write_csv, write_json, write_outputs
+from saekit.errors import UserError
+
+SUMMARY_FILE = "summary.json"
+NAMES_FILE = "names.csv"
+ATOM_NAMES_FILE = "atom_names.json"
+TRAINING_KEYS: tuple[tuple[str, str], ...] = (("sae_mse", "mask_dice"), ("sae_mse", "seg/mask_dice"))
+"""(x, y) key pairs tried, in order, in the training log (`segcompass.train` writes the first;
+a GRPO log would need the second)."""
+TAU_FRACTIONS: tuple[float, ...] = (0.0, 0.05, 0.1, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0)
+"""Figure 4's τ sweep as fractions of the codebook threshold: SAE activations are in the SAE's
+own units (the world SAE's 99th percentile is ~1.2, the paper's threshold 2.0 would be off
+its scale), so the sweep follows the threshold the head itself uses."""
+
+
+@dataclass(frozen=True)
+class AnalysesConfig:
+    """What `run_all` measures, on how many samples."""
+
+    split: str = "val"
+    """World split the samples are drawn from."""
+    n: int = 48
+    """Samples (the first n of the split's stream for `seed`)."""
+    seed: int = 1
+    """World seed of the samples (1: the evaluation seed, held out from training)."""
+    greedy: bool = False
+    """Read the policy's own greedy responses instead of the ground-truth chain of thought."""
+    batch_size: int = 8
+    """Samples per forward pass."""
+    k_percents: tuple[float, ...] = fig5.DEFAULT_K_PERCENTS
+    """Figure 5: the K% sweep (must hold 10 for the acceptance ratio)."""
+    magnitude: Literal["l2", "l1", "max"] = "l2"
+    """Figure 5: token magnitude used for ranking (l2, l1, max)."""
+    faith_ks: tuple[int, ...] = faith.DEFAULT_KS
+    """Faithfulness: numbers of atoms deleted / kept (must hold 5)."""
+    faith_draws: int = 3
+    """Faithfulness: random rankings per item."""
+    faith_items: int = 24
+    """Faithfulness: at most this many (sample, top slot) items (each costs ~2 |ks| (1 + draws) head passes)."""
+    faith_min_iou: float = 0.05
+    """Faithfulness: skip items whose unedited mask IoU is below this."""
+    naming_min_count: int = 20
+    """Concept naming: atoms active on fewer tokens are not judged."""
+    naming_f1: float = 0.5
+    """Concept naming: a name is confident when its F1 is at least this."""
+    seed_random: int = 0
+    """Seed of the random baselines (coverage ties, random atom rankings)."""
+
+    def __post_init__(self) -> None:
+        from segcompass.data.world import SPLITS
+
+        if self.split not in SPLITS:
+            raise UserError(f"analyses: unknown split {self.split!r}; choose one of {', '.join(SPLITS)}")
+        for name in ("n", "batch_size", "faith_draws", "faith_items", "naming_min_count"):
+            if getattr(self, name) < 1:
+                raise UserError(f"analyses: --{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+        if 10 not in self.k_percents:
+            raise UserError(f"analyses: --k-percents must include 10 (the acceptance ratio), got {self.k_percents}")
+        if 5 not in self.faith_ks:
+            raise UserError(f"analyses: --faith-ks must include 5 (the acceptance drop), got {self.faith_ks}")
+        if self.magnitude not in ("l2", "l1", "max"):
+            raise UserError(f"analyses: --magnitude must be l2, l1 or max, got {self.magnitude!r}")
+        if not 0 < self.naming_f1 <= 1:
+            raise UserError(f"analyses: --naming-f1 must be in (0, 1], got {self.naming_f1}")
+
+
+class AnalysisOutput(NamedTuple):
+    """One analysis: its table, figure and JSON-able summary (table and figure may be None)."""
+
+    table: pd.DataFrame | None
+    """Written as <stem>.csv."""
+    figure: Figure | None
+    """Written as <stem>.png."""
+    summary: dict[str, Any]
+    """Written as <stem>.json and into summary.json."""
+    extra_tables: dict[str, pd.DataFrame] = {}
+    """Further CSVs: file name -> table."""
+
+
+# ---------------------------------------------------------------- Figure 4
+
+def figure4_thresholds(threshold: float) -> tuple[float, ...]:
+    """τ sweep: TAU_FRACTIONS of the codebook threshold (the paper's default list if it is 0)."""
+    if threshold <= 0:
+        return fig4.DEFAULT_THRESHOLDS
+    return tuple(sorted({round(f * threshold, 6) for f in TAU_FRACTIONS}))
+
+
+def activation_patterns(c: Collected, thresholds: tuple[float, ...] | None = None) -> AnalysisOutput:
+    """Figure 4 on every SAE token of the collected samples (instance = overlaps a target)."""
+    thresholds = thresholds or figure4_thresholds(c.threshold)
+    groups = fig4.token_groups(c.token_types, c.image_grid, c.token_sample_index, c.image_masks, c.grid_shapes)
+    table = fig4.active_atoms_by_group(c.codes, groups, thresholds)
+    wide = table.pivot(index="tau", columns="group", values="mean")
+    margins = {g: fig4.min_margin(table, g, "background_image") for g in ("instance_image", "cot", "question")}
+    summary = {"thresholds": list(thresholds),
+               "n_tokens": {g: int(table[table.group == g].n_tokens.iloc[0]) for g in fig4.GROUPS},
+               "min_margin_vs_background": margins,
+               "margin_by_tau": {g: (wide[g] - wide["background_image"]).round(6).tolist() for g in margins},
+               "instance_above_background_every_tau": bool(margins["instance_image"] > 0),
+               "cot_above_background_every_tau": bool(margins["cot"] > 0)}
+    title = f"Active SAE atoms per token (Figure 4), {len(c.samples)} {c.samples[0].split} samples"
+    return AnalysisOutput(table, fig4.plot_active_atoms(table, title=title), summary)
+
+
+# ---------------------------------------------------------------- Figure 5
+
+def instance_coverage(c: Collected, k_percents=fig5.DEFAULT_K_PERCENTS, *, magnitude: str = "l2",
+                      seed: int = 0) -> AnalysisOutput:
+    """Figure 5 over every target instance of the collected samples."""
+    table = fig5.coverage_curve(c.codes, c.token_types, c.image_grid, c.token_sample_index, c.image_masks,
+                                c.grid_shapes, k_percents, magnitude=magnitude, seed=seed)
+    row = table[table.k_percent == 10]
+    at10 = row.iloc[0] if len(row) else None
+    ratio = float(at10.ratio) if at10 is not None else float("nan")
+    summary = {"magnitude": magnitude, "n_instances": int(table.n_instances.iloc[0]),
+               "coverage_top10": float(at10.coverage) if at10 is not None else float("nan"),
+               "random_top10": float(at10.random) if at10 is not None else float("nan"),
+               "ratio_top10": ratio, "ratio_top10_at_least_2": bool(ratio >= 2)}
+    return AnalysisOutput(table, fig5.plot_coverage(table), summary)
+
+
+# ---------------------------------------------------------------- Figure 8
+
+def training_log(checkpoint: str | Path) -> Path | None:
+    """`<run>/metrics.jsonl` of a checkpoint folder `<run>/final`, if it exists."""
+    path = Path(checkpoint).absolute().parent / "metrics.jsonl"  # not resolve(): a linked final/ keeps its run
+    return path if path.is_file() else None
+
+
+def training_xy(log: Path | None) -> tuple[np.ndarray, np.ndarray, tuple[str, str]] | str:
+    """(x, y, keys) of the training panel, or why there is none."""
+    if log is None:
+        return "no training log (<run>/metrics.jsonl) next to the checkpoint"
+    reasons = []
+    for keys in TRAINING_KEYS:
+        try:
+            x, y = fig8.records_xy(log, *keys)
+            return x, y, keys
+        except ValueError as err:
+            reasons.append(str(err))
+    return f"{log}: {reasons[-1]}"
+
+
+def matched_instance_ious(c: Collected) -> fig8.InstanceIoUs:
+    """Heatmap and mask IoU of every target instance with its matched slot, in the head's mask frame."""
+    return fig8.concat_instance_ious([fig8.instance_ious(c.heatmap_probs[b], c.mask_probs[b], c.model_masks[b] > 0.5)
+                                      for b in range(len(c.samples))])
+
+
+def correlation(c: Collected, log: Path | None) -> AnalysisOutput:
+    """Figure 8: training SAE MSE vs Dice (when logged) and test heatmap IoU vs mask IoU."""
+    ious = matched_instance_ious(c)
+    train = training_xy(log)
+    panels = {"test": (ious.heatmap_iou, ious.mask_iou, "heatmap IoU (matched slot)", "mask IoU (matched slot)",
+                       f"Test instances ({c.samples[0].split})")}
+    summary: dict[str, Any] = {"test": {"n_unmatched": ious.n_unmatched}}
+    if isinstance(train, str):
+        summary["training"] = {"skipped": train}
+    else:
+        panels = {"training": (train[0], train[1], f"SAE reconstruction MSE ({train[2][0]})",
+                               f"Dice loss ({train[2][1]})", "Training batches"), **panels}
+        summary["training"] = {"log": str(log), "keys": list(train[2])}
+    fits, rows = {}, []
+    for name, (x, y, *_labels) in panels.items():
+        rows.append(pd.DataFrame({"panel": name, "x": x, "y": y}))
+        try:
+            fits[name] = fig8.correlate(x, y)
+            summary[name].update(fits[name].summary())
+        except ValueError as err:
+            summary[name]["skipped"] = str(err)
+    figure = None
+    if fits:
+        figure, axes = new_figure(len(fits), width=5.5, height=4.5)
+        for ax, name in zip(axes, fits):
+            x, y, xlabel, ylabel, title = panels[name]
+            fig8.plot_correlation(fits[name], x, y, xlabel=xlabel, ylabel=ylabel, title=title, ax=ax)
+        figure.suptitle("Correlation between modules (Figure 8)")
+    return AnalysisOutput(pd.concat(rows, ignore_index=True), figure, summary)
+
+
+# ---------------------------------------------------------------- faithfulness
+
+class FaithItem(NamedTuple):
+    """One (sample, slot) whose concept pathway is edited."""
+
+    sample: int
+    slot: int
+    target: int
+    """Index of the matched target instance."""
+    iou: float
+    """Hard mask IoU of the slot with that target, codes untouched."""
+
+
+def _hard_iou(pred: torch.Tensor, target: torch.Tensor) -> float:
+    union = (pred | target).sum().item()
+    return (pred & target).sum().item() / union if union else 1.0
+
+
+def top_slot_items(c: Collected, *, min_iou: float = 0.0) -> list[FaithItem]:
+    """Per sample with a target: its best matched (slot, target) pair by hard mask IoU (module docstring)."""
+    from segcompass.matching import match_slots
+
+    items = []
+    for b in range(len(c.samples)):
+        targets = torch.from_numpy(c.model_masks[b] > 0.5)  # (n, m, m)
+        if not len(targets):
+            continue
+        probs = torch.from_numpy(c.mask_probs[b])  # (K, m, m)
+        match = match_slots(probs, targets.float())
+        pairs = [FaithItem(b, k, t, _hard_iou(probs[k] > 0.5, targets[t]))
+                 for k, t in zip(match.slot.tolist(), match.target.tolist())]
+        best = max(pairs, key=lambda item: item.iou, default=None)
+        if best is not None and best.iou >= min_iou:
+            items.append(best)
+    return items
+
+
+def _codes_to(codes, device):
+    return type(codes)(codes.indices.to(device), codes.values.to(device), codes.offsets.to(device), codes.d_sae)
+
+
+def deletion_results(model, c: Collected, items: list[FaithItem], ks, *, n_draws: int = 3, seed: int = 0,
+                     progress: bool = False) -> list[faith.DeletionResult]:
+    """Deletion / insertion curves of each item's provenance ranking vs random active atoms."""
+    from tqdm.auto import tqdm
+
+    device = next(model.head.parameters()).device
+    results = []
+    for item in tqdm(items, desc="faithfulness", disable=not progress):
+        b = item.sample
+        target = torch.from_numpy(c.model_masks[b][item.target] > 0.5).to(device)
+        evaluate = faith.slot_mask_evaluator(model.head, c.slot_embeddings[b:b + 1].to(device),
+                                             c.image_embeddings[b:b + 1].to(device), target, item.slot)
+        results.append(faith.deletion_curves(evaluate, _codes_to(c.sample_codes(b), device),
+                                             c.provenance[b][item.slot].atoms, ks, n_draws=n_draws,
+                                             seed=seed + b, min_activation=c.threshold))
+    return results
+
+
+def faithfulness(model, c: Collected, *, ks=faith.DEFAULT_KS, n_draws: int = 3, max_items: int = 24,
+                 min_iou: float = 0.05, seed: int = 0, progress: bool = False) -> AnalysisOutput:
+    """Deletion / insertion on the top slots: summary table, figure, summary, every curve point
+    (extra table faithfulness_curves.csv)."""
+    items = top_slot_items(c, min_iou=min_iou)[:max_items]
+    if not items:
+        reason = f"no sample has a target matched with mask IoU >= {min_iou}"
+        return AnalysisOutput(None, None, {"skipped": reason, "n_items": 0})
+    results = deletion_results(model, c, items, ks, n_draws=n_draws, seed=seed, progress=progress)
+    split = c.samples[0].split
+    table = faith.summarize(results, [split] * len(results), k=5)
+    drop = faith.iou_drop(results, k=5)
+    summary = {"n_items": len(results), "ks": [int(k) for k in ks], "n_draws": n_draws,
+               "items": [item._asdict() for item in items], **table.iloc[0].to_dict(),
+               "drop_ratio_at_least_3": bool(drop.ratio >= 3)}
+    title = f"Concept-pathway faithfulness: top slot of {len(results)} {split} samples"
+    curves = faith.curves_table(results, [split] * len(results))
+    return AnalysisOutput(table, faith.plot_faithfulness(results, title=title), summary,
+                          {"faithfulness_curves.csv": curves})
+
+
+# ---------------------------------------------------------------- concept naming
+
+def scene_objects(c: Collected) -> list[list[naming.SceneObject]]:
+    """Every object of every sample with its concepts, masks in the policy's frame."""
+    return [[naming.SceneObject(mask, obj.concepts) for mask, obj in zip(masks, naming.world_scene_objects(s))]
+            for masks, s in zip(c.scene_masks, c.samples)]
+
+
+def concept_naming(c: Collected, *, min_count: int = 20, f1_threshold: float = 0.5) -> AnalysisOutput:
+    """Name atoms active (h > the codebook threshold) on >= min_count tokens; coverage of the codebook's atoms."""
+    concepts = naming.token_concepts(c.token_types, c.image_grid, c.token_sample_index, c.token_strings,
+                                     scene_objects(c), c.grid_shapes)
+    names, has_concept = naming.concept_matrix(concepts)
+    table = naming.name_atoms(c.codes, names, has_concept, min_count=min_count, f1_threshold=f1_threshold,
+                              activation_threshold=c.threshold)
+    coverage = naming.naming_coverage(table, c.head_codes.indices.numpy())
+    summary = {**coverage._asdict(), "fraction_of_frequent": coverage.n_named / coverage.n_frequent
+               if coverage.n_frequent else float("nan"), "min_count": min_count, "f1_threshold": f1_threshold,
+               "activation_threshold": c.threshold, "n_concepts": len(names),
+               "top_names": table[table.confident].head(10)[["atom", "name", "f1"]].to_dict("records")}
+    figure = naming.plot_naming(table, f1_threshold=f1_threshold) if len(table) else None
+    return AnalysisOutput(None, figure, summary, {NAMES_FILE: table})
+
+
+# ---------------------------------------------------------------- runner
+
+def acceptance(summaries: dict[str, dict]) -> dict[str, Any]:
+    """Issue 6's acceptance numbers out of the analyses' summaries (NaN where an analysis was skipped)."""
+    nan = float("nan")
+    f4, f5 = summaries["figure4_activation_patterns"], summaries["figure5_instance_coverage"]
+    ff, nm = summaries["faithfulness"], summaries["concept_naming"]
+    margins = f4["min_margin_vs_background"]
+    return {"instance_minus_background_min_over_tau": margins["instance_image"],
+            "cot_minus_background_min_over_tau": margins["cot"],
+            "instance_and_cot_above_background_every_tau": bool(f4["instance_above_background_every_tau"]
+                                                                and f4["cot_above_background_every_tau"]),
+            "coverage_top10": f5["coverage_top10"], "random_top10": f5["random_top10"],
+            "coverage_ratio_top10": f5["ratio_top10"], "coverage_ratio_at_least_2": f5["ratio_top10_at_least_2"],
+            "deletion_drop_top5": ff.get("drop_top5", nan), "deletion_drop_random5": ff.get("drop_random5", nan),
+            "deletion_drop_ratio": ff.get("drop_ratio", nan),
+            "deletion_ratio_at_least_3": ff.get("drop_ratio_at_least_3", False),
+            "codebook_atoms_named_fraction": nm["fraction"]}
+
+
+def run_all(checkpoint: str | Path, out_dir: str | Path, *, split: str = "val", n: int = 48, seed: int = 1,
+            device: str = "cpu", progress: bool = False, **options) -> dict[str, Any]:
+    """Every analysis on `n` samples of `split`; writes into out_dir and returns summary.json's content.
+
+    `options`: other `AnalysesConfig` fields (greedy, faith_items, naming_min_count, ...)."""
+    return run_analyses(checkpoint, out_dir, AnalysesConfig(split=split, n=n, seed=seed, **options),
+                        device=device, progress=progress)
+
+
+def run_analyses(checkpoint: str | Path, out_dir: str | Path, cfg: AnalysesConfig, *, device: str = "cpu",
+                 progress: bool = False) -> dict[str, Any]:
+    """`run_all` with a ready config."""
+    out_dir, seconds = Path(out_dir), {}
+    t = time.perf_counter()
+    model, c = collect_checkpoint(checkpoint, split=cfg.split, n=cfg.n, seed=cfg.seed, greedy=cfg.greedy,
+                                  batch_size=cfg.batch_size, rank_depth=max(max(cfg.faith_ks), 1), device=device,
+                                  progress=progress)
+    seconds["collect"] = time.perf_counter() - t
+    log = training_log(checkpoint)
+    steps = {
+        "figure4_activation_patterns": lambda: activation_patterns(c),
+        "figure5_instance_coverage": lambda: instance_coverage(c, cfg.k_percents, magnitude=cfg.magnitude,
+                                                               seed=cfg.seed_random),
+        "figure8_correlation": lambda: correlation(c, log),
+        "concept_naming": lambda: concept_naming(c, min_count=cfg.naming_min_count, f1_threshold=cfg.naming_f1),
+        "faithfulness": lambda: faithfulness(model, c, ks=cfg.faith_ks, n_draws=cfg.faith_draws,
+                                             max_items=cfg.faith_items, min_iou=cfg.faith_min_iou,
+                                             seed=cfg.seed_random, progress=progress),
+    }
+    summaries, files = {}, {}
+    for stem, step in steps.items():
+        t = time.perf_counter()
+        result = step()
+        files[stem] = _write(out_dir, stem, result)
+        summaries[stem], seconds[stem] = result.summary, time.perf_counter() - t
+        if stem == "concept_naming":
+            files[stem]["atom_names_json"] = _write_atom_names(out_dir, result.extra_tables[NAMES_FILE])
+    summary = {"checkpoint": str(checkpoint), "config": dataclasses.asdict(cfg), "n_samples": len(c.samples),
+               "n_tokens": c.codes.n_tokens, "teacher_forced": c.teacher_forced, "threshold": c.threshold,
+               "acceptance": acceptance(summaries), "analyses": summaries, "files": files,
+               "seconds": {k: round(v, 2) for k, v in seconds.items()}}
+    write_json(summary, out_dir / SUMMARY_FILE)
+    return json.loads((out_dir / SUMMARY_FILE).read_text())
+
+
+def _write(out_dir: Path, stem: str, result: AnalysisOutput) -> dict[str, str]:
+    """PNG / CSV / JSON (+ extra CSVs) of one analysis; kind -> file name (relative to out_dir)."""
+    written = write_outputs(out_dir, stem, table=result.table, figure=result.figure, summary=result.summary)
+    files = {kind: path.name for kind, path in written.items()}
+    for name, table in result.extra_tables.items():
+        files[name.removesuffix(".csv").removeprefix(f"{stem}_") + "_csv"] = write_csv(table, out_dir / name).name
+    return files
+
+
+def _write_atom_names(out_dir: Path, table: pd.DataFrame) -> str:
+    """atom_names.json: {"atom": label} of the confidently named atoms (`segcompass predict --atom-names`)."""
+    labels = naming.atom_labels(table)
+    return write_json({str(atom): label for atom, label in sorted(labels.items())}, out_dir / ATOM_NAMES_FILE).name

@@ -1,0 +1,440 @@
+"""Warm start of the tiny policy: `tiny-llava` trained from scratch on the world's `train`
+split by teacher forcing on '<think> {ground-truth CoT} </think> <REF_POS>×K'.
+
+The loss covers the response tokens and the end-of-turn token after them (so the policy
+learns to stop), never the image or prompt. Training data is a pure function of
+(seed, step): sample i of step s is world sample `(s * batch + i) % n_train`, so a
+resumed run sees exactly the batches an uninterrupted one would.
+
+Output folder:
+    cfg.json              the effective config (after --quick)
+    checkpoint/           model.safetensors, optimizer.safetensors, state.json (atomic swap)
+    model/                HF folder: `load_model("tiny-llava", model_path=...)` / from_pretrained
+    eval.json             greedy decoding on `val` (see `segcompass.policy_eval`)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import NamedTuple, Sequence
+
+import numpy as np
+import torch
+
+from saekit.errors import UserError
+
+CHAT_WORDS: tuple[str, ...] = ("user", "assistant")
+"""Words of LLaVA's chat template ('USER: <image>\\n… ASSISTANT:') the tokenizer must know."""
+CAPTION_PROMPT = "describe the scene ."
+"""Prompt of the auxiliary caption task (see `caption_example`)."""
+CHECKPOINT_DIR, MODEL_DIR, EVAL_FILE, CONFIG_FILE = "checkpoint", "model", "eval.json", "cfg.json"
+WEIGHTS_FILE, OPTIMIZER_FILE, STATE_FILE = "model.safetensors", "optimizer.safetensors", "state.json"
+
+
+@dataclass(frozen=True)
+class WarmstartConfig:
+    """Teacher-forced warm start of the tiny policy on the embedded world."""
+
+    out: Path = Path("runs/warmstart")
+    """Output folder (checkpoint, HF model folder, eval.json)."""
+    n_train: int = 0
+    """Distinct `train` samples, cycled; 0 = steps × batch_size (every sample new)."""
+    steps: int = 1400
+    """Optimizer steps."""
+    batch_size: int = 32
+    """Samples per step."""
+    caption_fraction: float = 0.25
+    """Share of each batch trained on the caption task (every object named) instead of the policy task."""
+    patch_loss_weight: float = 1.0
+    """Weight of the auxiliary perception loss: a linear probe on the image tokens' input
+    embeddings predicts the colour and shape of the object under each patch (training only;
+    the probe is not part of the saved policy). 0 = pure teacher forcing."""
+    lr: float = 2e-3
+    """Peak learning rate (AdamW), after linear warm-up, cosine decay to 10%."""
+    warmup_steps: int = 60
+    """Linear warm-up steps."""
+    weight_decay: float = 0.01
+    """AdamW weight decay."""
+    grad_clip: float = 1.0
+    """Global gradient-norm clip."""
+    image_size: int = 64
+    """Side of the image the vision tower sees (world images are 128, resized by the processor)."""
+    patch_size: int = 8
+    """Vision patch side: (image_size / patch_size)² image tokens."""
+    hidden_size: int = 128
+    """Language model width (the residual stream an SAE later reads)."""
+    n_layers: int = 4
+    """Language model decoder blocks."""
+    n_heads: int = 4
+    """Language model attention heads."""
+    vision_hidden_size: int = 64
+    """Vision tower width."""
+    vision_layers: int = 3
+    """Vision tower blocks; LLaVA reads the second-to-last one, so 3 gives 2 effective blocks."""
+    seed: int = 0
+    """Seeds the weights, the world samples and torch's RNG."""
+    quick: bool = False
+    """Short run for CI and demos (see QUICK_OVERRIDES); the saved cfg.json shows what ran."""
+    eval_samples: int = 300
+    """`val` samples decoded greedily at the end."""
+    checkpoint_every: int = 200
+    """Save a resumable checkpoint every this many steps (and at the end)."""
+    resume: bool = True
+    """Continue from `out/checkpoint` when it exists (its config must match)."""
+    threads: int = 0
+    """torch CPU threads; 0 = all cores."""
+    device: str = "auto"
+    """'auto' (cuda when available), 'cpu', 'cuda', ..."""
+
+    def __post_init__(self) -> None:
+        for name in ("steps", "batch_size", "hidden_size", "n_layers", "n_heads", "checkpoint_every"):
+            if getattr(self, name) < 1:
+                raise UserError(f"warmstart: --{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+        if self.n_train < 0 or self.eval_samples < 0 or self.warmup_steps < 0:
+            raise UserError("warmstart: --n-train, --eval-samples and --warmup-steps must be >= 0")
+        if self.image_size % self.patch_size:
+            raise UserError(f"warmstart: --image-size {self.image_size} is not a multiple of "
+                            f"--patch-size {self.patch_size}")
+        if self.patch_loss_weight < 0:
+            raise UserError(f"warmstart: --patch-loss-weight must be >= 0, got {self.patch_loss_weight}")
+        if not 0 <= self.caption_fraction < 1:
+            raise UserError(f"warmstart: --caption-fraction must lie in [0, 1), got {self.caption_fraction}")
+        if self.lr <= 0:
+            raise UserError(f"warmstart: --lr must be > 0, got {self.lr}")
+
+    def effective(self) -> "WarmstartConfig":
+        """The config that actually runs: QUICK_OVERRIDES applied when `quick`."""
+        return dataclasses.replace(self, **QUICK_OVERRIDES) if self.quick else self
+
+    @property
+    def train_pool(self) -> int:
+        return self.n_train or self.steps * self.batch_size
+
+
+QUICK_OVERRIDES: dict = {"steps": 300, "eval_samples": 100, "checkpoint_every": 100}
+"""What --quick changes (everything else as given)."""
+
+
+def policy_vocabulary() -> list[str]:
+    """Words of world instructions and CoTs, the prompt template and the chat template."""
+    from segcompass.data.world import world_vocabulary
+    from segcompass.template import prompt_vocabulary
+
+    return sorted({*world_vocabulary(), *prompt_vocabulary(), *CHAT_WORDS, *CAPTION_PROMPT.split()})
+
+
+def build_policy(cfg: WarmstartConfig):
+    """A fresh, seeded tiny-llava policy with the world vocabulary and the template's special tokens."""
+    from saekit.tiny import build_tiny_llava
+    from segcompass.template import SPECIAL_TOKENS
+
+    return build_tiny_llava(
+        policy_vocabulary(), extra_special_tokens=SPECIAL_TOKENS, image_size=cfg.image_size,
+        patch_size=cfg.patch_size, hidden_size=cfg.hidden_size, n_layers=cfg.n_layers, n_heads=cfg.n_heads,
+        vision_hidden_size=cfg.vision_hidden_size, vision_layers=cfg.vision_layers, seed=cfg.seed)
+
+
+class Example(NamedTuple):
+    """One teacher-forcing example."""
+
+    image: np.ndarray
+    """(H, W, 3) uint8."""
+    prompt: str
+    response: str
+    patches: np.ndarray
+    """(2, G, G) int64 colour and shape class of the object under each vision patch (0 = background)."""
+
+
+def patch_classes(sample, grid: int) -> np.ndarray:
+    """(2, grid, grid) int64 class targets of the perception probe: 1 + colour index and
+    1 + shape index of the object covering each patch, 0 for background."""
+    from segcompass.data.world_render import COLOURS, SHAPES, patch_objects
+
+    owner = patch_objects(sample.objects[0].labels, grid)  # (G, G) object index or -1
+    colour = np.array([0] + [1 + list(COLOURS).index(o.colour) for o in sample.objects])
+    shape = np.array([0] + [1 + SHAPES.index(o.shape) for o in sample.objects])
+    return np.stack([colour[owner + 1], shape[owner + 1]])
+
+
+def reference_example(sample, grid: int) -> Example:
+    """The policy task: the template prompt and '<think> {CoT} </think> <REF_POS>×K'."""
+    from segcompass.template import build_prompt, format_response, k_for
+
+    return Example(sample.image, build_prompt(sample.instruction, multi=sample.multi_prompt),
+                   format_response(sample.cot, k_for(sample.multi_prompt)), patch_classes(sample, grid))
+
+
+def caption_example(sample, grid: int) -> Example:
+    """The perception task: 'describe the scene .' -> every object with size and position.
+
+    Like LLaVA's caption-alignment stage it supervises every object in the image, where
+    a referring CoT grounds one to three; it shares no prompt with the policy task.
+    """
+    from segcompass.data.world_language import describe_scene
+
+    return Example(sample.image, CAPTION_PROMPT, describe_scene(sample.objects), patch_classes(sample, grid))
+
+
+class TeacherBatch(NamedTuple):
+    """Model inputs of a teacher-forced batch and the targets of its loss."""
+
+    model_inputs: dict[str, torch.Tensor]
+    """input_ids, attention_mask, pixel_values."""
+    labels: torch.Tensor
+    """(B, T) int64 next-token targets aligned with the inputs (label[t] is predicted at t-1);
+    -100 except at response tokens and the end-of-turn token that follows them."""
+    patch_targets: torch.Tensor
+    """(B, 2, G*G) int64 colour / shape class per image token, raster order."""
+
+    def to(self, device) -> "TeacherBatch":
+        return TeacherBatch({k: v.to(device) for k, v in self.model_inputs.items()}, self.labels.to(device),
+                            self.patch_targets.to(device))
+
+
+def teacher_batch(loaded, examples: Sequence[Example]) -> TeacherBatch:
+    """Prompt + response of each example, right-padded, with response-only labels."""
+    from PIL import Image
+
+    from saekit.inputs import TokenType, build_batch
+
+    batch = build_batch(loaded, [Image.fromarray(e.image) for e in examples], [e.prompt for e in examples],
+                        [e.response for e in examples], padding_side="right")
+    is_response = batch.token_types == int(TokenType.RESPONSE)  # (B, T)
+    # The end-of-turn marker right after the last response token is learned too.
+    last = (is_response.long() * torch.arange(is_response.shape[1])).argmax(dim=1)  # (B,)
+    supervised = is_response.clone()
+    supervised[torch.arange(len(examples)), (last + 1).clamp(max=is_response.shape[1] - 1)] = True
+    ignore = torch.full_like(batch.model_inputs["input_ids"], -100)
+    patches = torch.from_numpy(np.stack([e.patches for e in examples])).flatten(2)  # (B, 2, G, G) -> (B, 2, G*G)
+    return TeacherBatch(batch.model_inputs, torch.where(supervised, batch.model_inputs["input_ids"], ignore),
+                        patches)
+
+
+class Losses(NamedTuple):
+    """The warm start's objective and its parts."""
+
+    total: torch.Tensor
+    """response + patch_loss_weight × patch (scalar, differentiable)."""
+    response: torch.Tensor
+    """Mean next-token cross-entropy over the supervised response positions."""
+    patch: torch.Tensor
+    """Mean colour + shape cross-entropy of the perception probe over image tokens."""
+
+
+def n_probe_classes() -> tuple[int, int]:
+    """(colour classes, shape classes) of the perception probe, background included."""
+    from segcompass.data.world_render import COLOURS, SHAPES
+
+    return len(COLOURS) + 1, len(SHAPES) + 1
+
+
+def teacher_losses(model: torch.nn.Module, probe: torch.nn.Module, batch: TeacherBatch,
+                   patch_weight: float) -> Losses:
+    """One forward pass: response cross-entropy, and the probe's loss on the image tokens'
+    input embeddings (hidden_states[0], what the LLM receives from the vision tower)."""
+    out = model(**batch.model_inputs, output_hidden_states=patch_weight > 0)
+    # position t-1 predicts token t: (B, T-1, V) against (B, T-1)
+    response = torch.nn.functional.cross_entropy(out.logits[:, :-1].flatten(0, 1),
+                                                 batch.labels[:, 1:].flatten(), ignore_index=-100)
+    if patch_weight == 0:
+        return Losses(response, response, torch.zeros(()))
+    is_image = batch.model_inputs["input_ids"] == model.config.image_token_id  # (B, T)
+    n_batch, n_patches = batch.patch_targets.shape[0], batch.patch_targets.shape[2]
+    image_states = out.hidden_states[0][is_image].view(n_batch, n_patches, -1)  # (B*G², D) -> (B, G², D)
+    n_colours, _ = n_probe_classes()
+    logits = probe(image_states)  # (B, G², n_colours + n_shapes)
+    patch = (torch.nn.functional.cross_entropy(logits[..., :n_colours].flatten(0, 1),
+                                               batch.patch_targets[:, 0].flatten())
+             + torch.nn.functional.cross_entropy(logits[..., n_colours:].flatten(0, 1),
+                                                 batch.patch_targets[:, 1].flatten()))
+    return Losses(response + patch_weight * patch, response, patch)
+
+
+def build_probe(cfg: WarmstartConfig) -> torch.nn.Linear:
+    """The perception probe: one linear map from an image token to colour and shape logits."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.seed + 1)
+        return torch.nn.Linear(cfg.hidden_size, sum(n_probe_classes()))
+
+
+def lr_factor(step: int, cfg: WarmstartConfig) -> float:
+    """Linear warm-up to 1, then cosine down to 0.1 at the last step."""
+    if step < cfg.warmup_steps:
+        return (step + 1) / cfg.warmup_steps
+    progress = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
+    return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+
+
+def step_examples(cfg: WarmstartConfig, step: int) -> list[Example]:
+    """The examples of optimizer step `step` (a pure function of cfg and step): world `train`
+    samples `step * batch + i`; the first `round(caption_fraction * batch)` become captions."""
+    from segcompass.data.world import make_sample
+
+    start = step * cfg.batch_size
+    n_caption = round(cfg.caption_fraction * cfg.batch_size)
+    samples = [make_sample("train", (start + i) % cfg.train_pool, cfg.seed) for i in range(cfg.batch_size)]
+    grid = cfg.image_size // cfg.patch_size
+    return [caption_example(s, grid) if i < n_caption else reference_example(s, grid)
+            for i, s in enumerate(samples)]
+
+
+class WarmstartResult(NamedTuple):
+    """Where a warm start left its outputs."""
+
+    model_dir: Path
+    """HF folder of the trained policy."""
+    eval: dict
+    """Contents of eval.json (empty when eval_samples is 0)."""
+    wall_s: float
+    """Seconds spent in this call (training + evaluation)."""
+
+
+def train(cfg: WarmstartConfig, *, progress: bool = True, stop_after: int | None = None) -> WarmstartResult:
+    """Run (or resume) a warm start; `stop_after` ends early after that many total steps
+    with a checkpoint and no final model (for testing resume)."""
+    from tqdm.auto import tqdm
+
+    from saekit.models import resolve_device
+
+    start_time = time.perf_counter()
+    cfg = cfg.effective()
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    device = resolve_device(cfg.device)
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    _write_json(out / CONFIG_FILE, _config_record(cfg))
+    torch.manual_seed(cfg.seed)
+    loaded = build_policy(cfg)
+    model, probe = loaded.model.to(device).train(), build_probe(cfg).to(device)
+    # The probe trains with the policy; it is checkpointed (for exact resume) but never exported.
+    modules = torch.nn.ModuleDict({"policy": model, "probe": probe})
+    optimizer = torch.optim.AdamW(modules.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, cfg))
+    step = load_checkpoint(out / CHECKPOINT_DIR, cfg, modules, optimizer, scheduler) if cfg.resume else 0
+    end = cfg.steps if stop_after is None else min(cfg.steps, stop_after)
+    bar = tqdm(range(step, end), initial=step, total=cfg.steps, desc="warmstart", disable=not progress)
+    for step in bar:
+        losses = teacher_losses(model, probe, teacher_batch(loaded, step_examples(cfg, step)).to(device),
+                                cfg.patch_loss_weight)
+        optimizer.zero_grad(set_to_none=True)
+        losses.total.backward()
+        torch.nn.utils.clip_grad_norm_(modules.parameters(), cfg.grad_clip)
+        optimizer.step()
+        scheduler.step()
+        bar.set_postfix(loss=f"{losses.response.item():.3f}", patch=f"{losses.patch.item():.3f}",
+                        lr=f"{scheduler.get_last_lr()[0]:.1e}")
+        if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == end:
+            save_checkpoint(out / CHECKPOINT_DIR, cfg, modules, optimizer, scheduler, step + 1)
+    bar.close()
+    model.eval()
+    if end < cfg.steps:
+        return WarmstartResult(out / MODEL_DIR, {}, time.perf_counter() - start_time)
+    return _finish(cfg, loaded, out, start_time, progress)
+
+
+def _finish(cfg: WarmstartConfig, loaded, out: Path, start_time: float, progress: bool) -> WarmstartResult:
+    """Save the HF folder, decode `val` greedily, write eval.json."""
+    from saekit.models import save_pretrained
+
+    model_dir = save_pretrained(loaded, out / MODEL_DIR)
+    train_s = time.perf_counter() - start_time
+    report: dict = {}
+    if cfg.eval_samples:
+        from segcompass.policy_eval import evaluate_policy
+
+        report = evaluate_policy(loaded, "val", cfg.eval_samples, seed=cfg.seed + 1, progress=progress)
+    report |= {"train_wall_s": round(train_s, 1), "total_wall_s": round(time.perf_counter() - start_time, 1),
+               "load_average_1min": round(os.getloadavg()[0], 2), "threads": torch.get_num_threads()}
+    _write_json(out / EVAL_FILE, report)
+    return WarmstartResult(model_dir, report, time.perf_counter() - start_time)
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+def _config_record(cfg: WarmstartConfig) -> dict:
+    return {k: str(v) if isinstance(v, Path) else v for k, v in dataclasses.asdict(cfg).items()}
+
+
+_RESUME_IRRELEVANT = ("out", "resume", "threads", "device", "eval_samples", "checkpoint_every", "quick")
+
+
+def _write_json(path: Path, record: dict) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(record, indent=2) + "\n")
+    os.replace(tmp, path)
+
+
+def save_checkpoint(directory: Path, cfg: WarmstartConfig, model, optimizer, scheduler, step: int) -> None:
+    """Write weights, optimizer state, RNG and step to a temporary folder, then swap it in.
+
+    A crash at any moment leaves either the previous checkpoint (possibly as
+    `checkpoint.old`) or the new one, never a half-written folder under the final name.
+    """
+    from safetensors.torch import save_file
+
+    tmp, old = directory.with_name(directory.name + ".tmp"), directory.with_name(directory.name + ".old")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    save_file({k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}, tmp / WEIGHTS_FILE)
+    tensors, groups = _flatten_optimizer(optimizer)
+    save_file(tensors, tmp / OPTIMIZER_FILE)
+    save_file({"torch_rng": torch.get_rng_state()}, tmp / "rng.safetensors")
+    state = {"step": step, "param_groups": groups, "scheduler": scheduler.state_dict(),
+             "config": _config_record(cfg)}
+    _write_json(tmp / STATE_FILE, state)
+    if directory.exists():
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(directory, old)
+    os.replace(tmp, directory)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def load_checkpoint(directory: Path, cfg: WarmstartConfig, model, optimizer, scheduler) -> int:
+    """Restore a checkpoint into model/optimizer/scheduler/RNG; returns its step (0 if none)."""
+    from safetensors.torch import load_file
+
+    if not (directory / STATE_FILE).is_file():
+        old = directory.with_name(directory.name + ".old")
+        if not (old / STATE_FILE).is_file():
+            return 0
+        directory = old  # interrupted between the two renames of save_checkpoint
+    state = json.loads((directory / STATE_FILE).read_text())
+    mine = _config_record(cfg)
+    changed = [k for k, v in state["config"].items() if k not in _RESUME_IRRELEVANT and mine.get(k) != v]
+    if changed:
+        raise UserError(f"warmstart: {directory} was written with different settings ({', '.join(changed)}); "
+                        f"use another --out or --no-resume")
+    device = next(model.parameters()).device
+    model.load_state_dict({k: v.to(device) for k, v in load_file(directory / WEIGHTS_FILE).items()})
+    _restore_optimizer(optimizer, load_file(directory / OPTIMIZER_FILE), state["param_groups"], device)
+    scheduler.load_state_dict(state["scheduler"])
+    torch.set_rng_state(load_file(directory / "rng.safetensors")["torch_rng"])
+    return int(state["step"])
+
+
+def _flatten_optimizer(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], list]:
+    """Optimizer state as flat safetensors-able tensors + JSON-able param groups."""
+    state_dict = optimizer.state_dict()
+    tensors = {}
+    for index, slots in state_dict["state"].items():
+        for name, value in slots.items():
+            value = value if torch.is_tensor(value) else torch.tensor(value)
+            tensors[f"{index}.{name}"] = value.detach().contiguous().cpu()
+    return tensors, state_dict["param_groups"]
+
+
+def _restore_optimizer(optimizer, tensors: dict[str, torch.Tensor], groups: list, device) -> None:
+    state: dict[int, dict[str, torch.Tensor]] = {}
+    for key, value in tensors.items():
+        index, name = key.split(".", 1)
+        # AdamW keeps `step` on the CPU (a scalar tensor); moments live with the parameters.
+        state.setdefault(int(index), {})[name] = value if name == "step" else value.to(device)
+    optimizer.load_state_dict({"state": state, "param_groups": groups})

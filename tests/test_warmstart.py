@@ -1,0 +1,88 @@
+"""Warm start of the tiny policy: labels, a tiny run that saves a loadable HF folder, exact resume."""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from saekit.errors import UserError
+from segcompass.data.world import generate
+from segcompass.template import REF_TOKEN, THINK_CLOSE, THINK_OPEN, format_response, k_for
+from segcompass.warmstart import (CHECKPOINT_DIR, EVAL_FILE, MODEL_DIR, WEIGHTS_FILE, WarmstartConfig,
+                                  build_policy, caption_example, lr_factor, reference_example,
+                                  teacher_batch, train)
+
+TINY = dict(hidden_size=32, n_layers=1, n_heads=2, vision_hidden_size=16, vision_layers=2, image_size=32,
+            patch_size=8, batch_size=2, threads=1, warmup_steps=1)
+
+
+def test_labels_cover_exactly_the_response_and_its_end(tmp_path):
+    cfg = WarmstartConfig(out=tmp_path, steps=1, **TINY)
+    loaded = build_policy(cfg)
+    samples = generate("multi", 2, seed=0)
+    batch = teacher_batch(loaded, [reference_example(s, 4) for s in samples])
+    tokenizer = loaded.tokenizer
+    for row, sample in enumerate(samples):
+        ids = batch.labels[row][batch.labels[row] != -100].tolist()
+        tokens = tokenizer.convert_ids_to_tokens(ids)
+        expected = format_response(sample.cot, k_for(sample.multi_prompt)).split() + [tokenizer.eos_token]
+        assert tokens == expected
+        assert tokens[0] == THINK_OPEN and THINK_CLOSE in tokens and tokens.count(REF_TOKEN) == k_for(True)
+    assert tokenizer.unk_token_id not in batch.model_inputs["input_ids"].flatten().tolist()  # complete vocabulary
+    captions = teacher_batch(loaded, [caption_example(s, 4) for s in samples])
+    assert tokenizer.unk_token_id not in captions.model_inputs["input_ids"].flatten().tolist()
+    words = tokenizer.convert_ids_to_tokens(captions.labels[0][captions.labels[0] != -100].tolist())
+    assert words[:3] == ["the", "objects", "are"] and words.count("at") == len(samples[0].objects)
+    # probe targets: one colour/shape class per vision patch, background 0, both from the same object
+    assert batch.patch_targets.shape == (2, 2, 16)
+    assert ((batch.patch_targets[:, 0] == 0) == (batch.patch_targets[:, 1] == 0)).all()
+
+
+def test_lr_schedule_warms_up_then_decays_to_a_tenth():
+    cfg = WarmstartConfig(steps=100, warmup_steps=10)
+    assert lr_factor(0, cfg) == pytest.approx(0.1) and lr_factor(9, cfg) == pytest.approx(1.0)
+    assert lr_factor(10, cfg) == pytest.approx(1.0) and lr_factor(100, cfg) == pytest.approx(0.1)
+
+
+def test_tiny_warmstart_saves_a_loadable_policy(tmp_path):
+    from saekit.models import load_model
+    from segcompass.policy_eval import generate_responses
+
+    result = train(WarmstartConfig(out=tmp_path, steps=3, eval_samples=3, **TINY), progress=False)
+    report = json.loads((tmp_path / EVAL_FILE).read_text())
+    assert report["n"] == 3 and 0 <= report["format_valid"] <= 1 and report["groups"]["all"]["n"] == 3
+    loaded = load_model("tiny-llava", model_path=result.model_dir)
+    trained = load_file(tmp_path / CHECKPOINT_DIR / WEIGHTS_FILE)
+    assert set(trained) == {f"policy.{k}" for k in loaded.model.state_dict()} | {"probe.weight", "probe.bias"}
+    for name, value in loaded.model.state_dict().items():
+        assert torch.equal(value, trained[f"policy.{name}"]), name
+    texts = generate_responses(loaded, generate("val", 2, seed=5), max_new_tokens=6)
+    assert len(texts) == 2 and all(isinstance(t, str) and t for t in texts)
+    from transformers import LlavaForConditionalGeneration
+
+    assert LlavaForConditionalGeneration.from_pretrained(tmp_path / MODEL_DIR).config.text_config.hidden_size == 32
+
+
+def test_resume_continues_identically(tmp_path):
+    common = dict(steps=4, checkpoint_every=2, eval_samples=0, **TINY)
+    train(WarmstartConfig(out=tmp_path / "straight", **common), progress=False)
+    train(WarmstartConfig(out=tmp_path / "resumed", **common), progress=False, stop_after=2)
+    state = json.loads((tmp_path / "resumed" / CHECKPOINT_DIR / "state.json").read_text())
+    assert state["step"] == 2 and not (tmp_path / "resumed" / MODEL_DIR).exists()
+    train(WarmstartConfig(out=tmp_path / "resumed", **common), progress=False)
+    a = load_file(tmp_path / "straight" / CHECKPOINT_DIR / WEIGHTS_FILE)
+    b = load_file(tmp_path / "resumed" / CHECKPOINT_DIR / WEIGHTS_FILE)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    with pytest.raises(UserError, match="lr"):
+        train(WarmstartConfig(out=tmp_path / "resumed", lr=1e-4, **common), progress=False)
+
+
+def test_quick_flag_changes_only_the_documented_fields():
+    from segcompass.warmstart import QUICK_OVERRIDES
+
+    cfg = WarmstartConfig(quick=True, lr=1e-3)
+    eff = cfg.effective()
+    assert eff.lr == 1e-3 and all(getattr(eff, k) == v for k, v in QUICK_OVERRIDES.items())
+    with pytest.raises(UserError):
+        WarmstartConfig(image_size=60, patch_size=8)
