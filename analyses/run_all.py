@@ -6,6 +6,9 @@
                                   heatmap IoU vs mask IoU per instance (Figure 8)
     faithfulness                  deletion / insertion of each sample's top slot's provenance atoms
                                   vs random active atoms, mask IoU (+ faithfulness_curves.csv)
+    faithfulness_heatmap          the same scored on the slot's heatmap (the concept pathway's own
+                                  output, before the mask decoder): tells a pathway the masks ignore
+                                  from one that carries nothing
     concept_naming                atoms named by world concepts: names.csv (the naming table,
                                   `analyses.concept_naming.load_atom_labels` reads it) and
                                   atom_names.json ({"atom": "label"}, `segcompass predict --atom-names`)
@@ -37,6 +40,7 @@ import torch
 from matplotlib.figure import Figure
 
 from analyses import activation_patterns as fig4
+from analyses import evaluators
 from analyses import concept_naming as naming
 from analyses import correlation as fig8
 from analyses import faithfulness as faith
@@ -264,43 +268,52 @@ def _codes_to(codes, device):
     return type(codes)(codes.indices.to(device), codes.values.to(device), codes.offsets.to(device), codes.d_sae)
 
 
-def deletion_results(model, c: Collected, items: list[FaithItem], ks, *, n_draws: int = 3, seed: int = 0,
-                     progress: bool = False) -> list[faith.DeletionResult]:
+EVALUATORS = {"mask": evaluators.slot_mask_evaluator, "heatmap": evaluators.slot_heatmap_evaluator}
+"""What faithfulness measures: the slot's mask IoU (the acceptance metric) or its heatmap's soft IoU
+(the concept pathway's own output, before the mask decoder)."""
+
+
+def deletion_results(model, c: Collected, items: list[FaithItem], ks, *, metric: str = "mask", n_draws: int = 3,
+                     seed: int = 0, progress: bool = False) -> list[faith.DeletionResult]:
     """Deletion / insertion curves of each item's provenance ranking vs random active atoms."""
     from tqdm.auto import tqdm
 
     device = next(model.head.parameters()).device
     results = []
-    for item in tqdm(items, desc="faithfulness", disable=not progress):
+    for item in tqdm(items, desc=f"faithfulness ({metric})", disable=not progress):
         b = item.sample
         target = torch.from_numpy(c.model_masks[b][item.target] > 0.5).to(device)
-        evaluate = faith.slot_mask_evaluator(model.head, c.slot_embeddings[b:b + 1].to(device),
-                                             c.image_embeddings[b:b + 1].to(device), target, item.slot)
+        evaluate = EVALUATORS[metric](model.head, c.slot_embeddings[b:b + 1].to(device),
+                                      c.image_embeddings[b:b + 1].to(device), target, item.slot)
         results.append(faith.deletion_curves(evaluate, _codes_to(c.sample_codes(b), device),
                                              c.provenance[b][item.slot].atoms, ks, n_draws=n_draws,
                                              seed=seed + b, min_activation=c.threshold))
     return results
 
 
-def faithfulness(model, c: Collected, *, ks=faith.DEFAULT_KS, n_draws: int = 3, max_items: int = 24,
-                 min_iou: float = 0.05, seed: int = 0, progress: bool = False) -> AnalysisOutput:
-    """Deletion / insertion on the top slots: summary table, figure, summary, every curve point
-    (extra table faithfulness_curves.csv)."""
+def faithfulness(model, c: Collected, *, metric: str = "mask", ks=faith.DEFAULT_KS, n_draws: int = 3,
+                 max_items: int = 24, min_iou: float = 0.05, seed: int = 0, progress: bool = False) -> AnalysisOutput:
+    """Deletion / insertion on the top slots, scored by `metric` IoU: summary table, figure, summary,
+    and every curve point (extra table)."""
     items = top_slot_items(c, min_iou=min_iou)[:max_items]
     if not items:
         reason = f"no sample has a target matched with mask IoU >= {min_iou}"
-        return AnalysisOutput(None, None, {"skipped": reason, "n_items": 0})
-    results = deletion_results(model, c, items, ks, n_draws=n_draws, seed=seed, progress=progress)
+        return AnalysisOutput(None, None, {"metric": metric, "skipped": reason, "n_items": 0})
+    results = deletion_results(model, c, items, ks, metric=metric, n_draws=n_draws, seed=seed, progress=progress)
     split = c.samples[0].split
     table = faith.summarize(results, [split] * len(results), k=5)
     drop = faith.iou_drop(results, k=5)
-    summary = {"n_items": len(results), "ks": [int(k) for k in ks], "n_draws": n_draws,
+    summary = {"metric": metric, "n_items": len(results), "ks": [int(k) for k in ks], "n_draws": n_draws,
                "items": [item._asdict() for item in items], **table.iloc[0].to_dict(),
                "drop_ratio_at_least_3": bool(drop.ratio >= 3)}
-    title = f"Concept-pathway faithfulness: top slot of {len(results)} {split} samples"
+    title = (f"Concept-pathway faithfulness ({'mask IoU' if metric == 'mask' else 'heatmap soft IoU'}): "
+             f"top slot of {len(results)} {split} samples")
+    figure = faith.plot_faithfulness(results, title=title)
+    for ax in figure.axes:  # the shared plot says "mask IoU"
+        ax.set_ylabel(f"{'mask IoU' if metric == 'mask' else 'heatmap soft IoU'} (mean of {len(results)} slots)")
+    stem = "faithfulness" if metric == "mask" else f"faithfulness_{metric}"
     curves = faith.curves_table(results, [split] * len(results))
-    return AnalysisOutput(table, faith.plot_faithfulness(results, title=title), summary,
-                          {"faithfulness_curves.csv": curves})
+    return AnalysisOutput(table, figure, summary, {f"{stem}_curves.csv": curves})
 
 
 # ---------------------------------------------------------------- concept naming
@@ -333,7 +346,7 @@ def acceptance(summaries: dict[str, dict]) -> dict[str, Any]:
     """Issue 6's acceptance numbers out of the analyses' summaries (NaN where an analysis was skipped)."""
     nan = float("nan")
     f4, f5 = summaries["figure4_activation_patterns"], summaries["figure5_instance_coverage"]
-    ff, nm = summaries["faithfulness"], summaries["concept_naming"]
+    ff, fh, nm = summaries["faithfulness"], summaries["faithfulness_heatmap"], summaries["concept_naming"]
     margins = f4["min_margin_vs_background"]
     return {"instance_minus_background_min_over_tau": margins["instance_image"],
             "cot_minus_background_min_over_tau": margins["cot"],
@@ -344,6 +357,9 @@ def acceptance(summaries: dict[str, dict]) -> dict[str, Any]:
             "deletion_drop_top5": ff.get("drop_top5", nan), "deletion_drop_random5": ff.get("drop_random5", nan),
             "deletion_drop_ratio": ff.get("drop_ratio", nan),
             "deletion_ratio_at_least_3": ff.get("drop_ratio_at_least_3", False),
+            "heatmap_deletion_drop_top5": fh.get("drop_top5", nan),
+            "heatmap_deletion_drop_random5": fh.get("drop_random5", nan),
+            "heatmap_deletion_drop_ratio": fh.get("drop_ratio", nan),
             "codebook_atoms_named_fraction": nm["fraction"]}
 
 
@@ -366,15 +382,16 @@ def run_analyses(checkpoint: str | Path, out_dir: str | Path, cfg: AnalysesConfi
                                   progress=progress)
     seconds["collect"] = time.perf_counter() - t
     log = training_log(checkpoint)
+    faith_options = dict(ks=cfg.faith_ks, n_draws=cfg.faith_draws, max_items=cfg.faith_items,
+                         min_iou=cfg.faith_min_iou, seed=cfg.seed_random, progress=progress)
     steps = {
         "figure4_activation_patterns": lambda: activation_patterns(c),
         "figure5_instance_coverage": lambda: instance_coverage(c, cfg.k_percents, magnitude=cfg.magnitude,
                                                                seed=cfg.seed_random),
         "figure8_correlation": lambda: correlation(c, log),
         "concept_naming": lambda: concept_naming(c, min_count=cfg.naming_min_count, f1_threshold=cfg.naming_f1),
-        "faithfulness": lambda: faithfulness(model, c, ks=cfg.faith_ks, n_draws=cfg.faith_draws,
-                                             max_items=cfg.faith_items, min_iou=cfg.faith_min_iou,
-                                             seed=cfg.seed_random, progress=progress),
+        "faithfulness": lambda: faithfulness(model, c, metric="mask", **faith_options),
+        "faithfulness_heatmap": lambda: faithfulness(model, c, metric="heatmap", **faith_options),
     }
     summaries, files = {}, {}
     for stem, step in steps.items():

@@ -18,7 +18,7 @@ from nbformat.v4 import new_code_cell, new_markdown_cell, new_notebook
 HERE = Path(__file__).resolve().parent
 KERNELSPEC = {"name": "python3", "display_name": "Python 3", "language": "python"}
 
-_COMMON_PARAMETERS = '''CHECKPOINT = "../runs/demo/segcompass/final"  # `make demo` trains it; any segcompass checkpoint folder
+_COMMON_PARAMETERS = '''CHECKPOINT = "../runs/demo/segcompass/final"  # `make demo` trains it (any checkpoint folder)
 SPLIT = "val"  # world split
 N_SAMPLES = 24  # the first N samples of the split
 SEED = 1  # world seed (1 = the evaluation seed, held out from training)

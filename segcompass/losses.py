@@ -34,13 +34,17 @@ class SegLossConfig:
     """lambda_c, weight of L_conf (paper: 0.2)."""
     dice_weight: float = 0.6
     """lambda_D, weight of the mask Dice loss inside L_seg (paper: 0.6)."""
+    heatmap_dice_weight: float = 0.0
+    """Extra Dice loss on the matched heatmaps (paper: 0, BCE only). Trained from scratch, a
+    BCE-only heatmap collapses to 'background everywhere' (targets cover ~2% of the pixels)
+    and the mask decoder learns to ignore its prompt; a Dice term keeps it localised."""
     match_on: Literal["mask", "heatmap", "mean"] = "mask"
     """Soft IoU used for matching: of the masks, of the heatmaps, or their mean."""
     dice_smooth: float = 1.0
     """Additive smoothing of the Dice ratio (keeps empty-vs-empty finite)."""
 
     def __post_init__(self) -> None:
-        for name in ("seg_weight", "conf_weight", "dice_weight", "dice_smooth"):
+        for name in ("seg_weight", "conf_weight", "dice_weight", "heatmap_dice_weight", "dice_smooth"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.match_on not in ("mask", "heatmap", "mean"):
@@ -120,10 +124,13 @@ def segmentation_loss(heatmap_logits: Tensor, mask_logits: Tensor, confidence_lo
             heatmap_logits[index], torch.cat(heat_gt).to(heatmap_logits.dtype))
         mask_dice = dice_loss(mask_logits[index], torch.cat(mask_gt).to(mask_logits.dtype),
                               config.dice_smooth).mean()
+        heat_dice = dice_loss(heatmap_logits[index], torch.cat(heat_gt).to(heatmap_logits.dtype),
+                              config.dice_smooth).mean()
     else:  # keep the graph (every parameter gets a zero gradient, as DDP expects)
         heat_bce = heatmap_logits.sum() * 0.0
         mask_dice = mask_logits.sum() * 0.0
-    seg = heat_bce + config.dice_weight * mask_dice
+        heat_dice = heat_bce
+    seg = heat_bce + config.heatmap_dice_weight * heat_dice + config.dice_weight * mask_dice
     num_targets = sum(int(t.shape[0]) for t in targets)
     return SegLossOutput(
         total=config.seg_weight * seg + config.conf_weight * conf, seg=seg, heatmap_bce=heat_bce,

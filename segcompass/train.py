@@ -84,6 +84,8 @@ class TrainConfig:
     """lambda_c."""
     dice_weight: float = 0.6
     """lambda_D."""
+    heatmap_dice_weight: float = 0.0
+    """Extra Dice on the heatmaps (paper: 0); see SegLossConfig. The world needs it (~1)."""
     seed: int = 0
     """Seeds the head's initialisation, the data order and torch's RNG."""
     log_every: int = 10
@@ -139,7 +141,7 @@ class TrainConfig:
 
     def loss_config(self) -> SegLossConfig:
         return SegLossConfig(seg_weight=self.seg_weight, conf_weight=self.conf_weight,
-                             dice_weight=self.dice_weight)
+                             dice_weight=self.dice_weight, heatmap_dice_weight=self.heatmap_dice_weight)
 
 
 def param_groups(model: SegCompass, cfg: TrainConfig) -> list[dict]:

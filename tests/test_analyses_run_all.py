@@ -12,20 +12,24 @@ import torch
 from analyses import run_all as ra
 from analyses.collect import collect, slice_rows
 from analyses.concept_naming import load_atom_labels
-from analyses.faithfulness import slot_mask_evaluator
+from analyses.evaluators import slot_heatmap_evaluator, slot_logits, slot_mask_evaluator
+from analyses.faithfulness import drop_atoms, keep_atoms
+from analyses.faithfulness import slot_mask_evaluator as reference_mask_evaluator
 from saekit.errors import UserError
 from saekit.inputs import TokenType
 from saekit.sparse import SparseCodes
 from segcompass.cli import main
-from segcompass.data.world import generate
+from segcompass.data.world import make_sample
 from segcompass_tiny import tiny_checkpoint, tiny_model  # noqa: F401 (pytest fixtures)
 
 N = 4
+INDICES = (0, 1, 2, 6)
+"""val (seed 1) samples: single target, two targets, single target, no target."""
 
 
 @pytest.fixture(scope="module")
 def collected(tiny_model):
-    return collect(tiny_model, generate("val", N, seed=1), batch_size=N)
+    return collect(tiny_model, [make_sample("val", i, seed=1) for i in INDICES], batch_size=N)
 
 
 def assert_codes_equal(a: SparseCodes, b: SparseCodes):
@@ -79,8 +83,32 @@ def test_rerunning_the_head_on_one_sample_reproduces_its_masks(tiny_model, colle
         target = torch.from_numpy(c.model_masks[b][0] > 0.5)
         pred = torch.from_numpy(c.mask_probs[b][1] > 0.5)
         iou = (pred & target).sum().item() / max((pred | target).sum().item(), 1)
-        assert slot_mask_evaluator(tiny_model.head, c.slot_embeddings[b:b + 1], c.image_embeddings[b:b + 1],
-                                   target, 1)(codes) == pytest.approx(iou, abs=0.02)
+        assert reference_mask_evaluator(tiny_model.head, c.slot_embeddings[b:b + 1], c.image_embeddings[b:b + 1],
+                                        target, 1)(codes) == pytest.approx(iou, abs=0.02)
+
+
+def test_one_slot_evaluators_match_the_full_head(tiny_model, collected):
+    """Decoding one slot (fast path) gives the full head's logits for that slot, on edited codes too."""
+    c = collected
+    codes = c.sample_codes(1)
+    edits = [codes, drop_atoms(codes, c.provenance[1][2].atoms[:5]), keep_atoms(codes, c.provenance[1][2].atoms[:3])]
+    index = torch.zeros(codes.n_tokens, dtype=torch.int64)
+    target = torch.from_numpy(c.model_masks[1][0] > 0.5)
+    for edited in edits:
+        with torch.no_grad():
+            full = tiny_model.head(edited, index, c.slot_embeddings[1:2], c.image_embeddings[1:2])
+        for slot in range(c.num_slots):
+            heat, mask = slot_logits(tiny_model.head, edited, c.slot_embeddings[1:2], c.image_embeddings[1:2], slot)
+            torch.testing.assert_close(heat, full.heatmap_logits[0, slot], atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(mask, full.mask_logits[0, slot], atol=1e-4, rtol=1e-4)
+        args = (tiny_model.head, c.slot_embeddings[1:2], c.image_embeddings[1:2], target, 2)
+        assert slot_mask_evaluator(*args)(edited) == pytest.approx(reference_mask_evaluator(*args)(edited), abs=1e-3)
+        heat_pred = full.heatmap_logits[0, 2] > 0
+        want = (heat_pred & target).sum().item() / max((heat_pred | target).sum().item(), 1)
+        assert slot_heatmap_evaluator(*args, soft=False)(edited) == pytest.approx(want)
+        probs, t = full.heatmap_logits[0, 2].sigmoid(), target.float()  # soft IoU by hand
+        soft = float((probs * t).sum() / (probs.sum() + t.sum() - (probs * t).sum()))
+        assert slot_heatmap_evaluator(*args)(edited) == pytest.approx(soft, rel=1e-4)
 
 
 def test_top_slot_is_the_best_matched_pair(collected):
@@ -134,6 +162,11 @@ def test_slice_rows_matches_dense_rows(collected):
     torch.testing.assert_close(part.to_dense(), dense[5:17])
 
 
+def number(value) -> float:
+    """JSON null (how summary.json writes NaN) back to NaN."""
+    return float("nan") if value is None else value
+
+
 def test_run_all_writes_every_output(tiny_checkpoint, tmp_path):
     run = tmp_path / "run"
     run.mkdir()
@@ -142,15 +175,16 @@ def test_run_all_writes_every_output(tiny_checkpoint, tmp_path):
     x = rng.uniform(1, 2, 30)
     with open(run / "metrics.jsonl", "w") as log:  # planted: Dice = 0.1 + 0.3 MSE (+ tiny noise)
         for step, xi in enumerate(x):
-            log.write(json.dumps({"step": step, "sae_mse": xi, "mask_dice": 0.1 + 0.3 * xi + rng.normal(0, 1e-3)}) + "\n")
+            dice = 0.1 + 0.3 * xi + rng.normal(0, 1e-3)
+            log.write(json.dumps({"step": step, "sae_mse": xi, "mask_dice": dice}) + "\n")
         log.write(json.dumps({"eval": True, "giou": 0.1}) + "\n")  # another kind of record: skipped
     out = tmp_path / "analyses"
-    argv = ["analyze", "--checkpoint", str(run / "final"), "--out", str(out), "--n", str(N), "--faith-items", "2",
+    argv = ["analyze", "--checkpoint", str(run / "final"), "--out", str(out), "--n", "7", "--faith-items", "2",
             "--faith-min-iou", "0", "--faith-ks", "0", "1", "5", "--faith-draws", "1", "--naming-min-count", "2",
             "--no-progress"]
     assert main(argv) == 0  # `segcompass analyze` = run_all with these options
     summary = json.loads((out / ra.SUMMARY_FILE).read_text())
-    assert summary["config"]["faith_ks"] == [0, 1, 5] and summary["n_samples"] == N
+    assert summary["config"]["faith_ks"] == [0, 1, 5] and summary["n_samples"] == 7  # sample 6: no target
     for stem, files in summary["files"].items():
         for name in files.values():
             assert (out / name).is_file(), f"{stem}: {name} missing"
@@ -162,8 +196,13 @@ def test_run_all_writes_every_output(tiny_checkpoint, tmp_path):
     curve = pd.read_csv(out / "figure5_instance_coverage.csv")
     assert accept["coverage_ratio_top10"] == pytest.approx(float(curve[curve.k_percent == 10].ratio.iloc[0]))
     faith = pd.read_csv(out / "faithfulness.csv")
-    assert accept["deletion_drop_ratio"] == pytest.approx(faith.drop_ratio.iloc[0], nan_ok=True)
+    assert number(accept["deletion_drop_ratio"]) == pytest.approx(faith.drop_ratio.iloc[0], nan_ok=True)
     assert summary["analyses"]["faithfulness"]["n_items"] == 2
+    assert summary["analyses"]["faithfulness_heatmap"]["metric"] == "heatmap"
+    heat = pd.read_csv(out / summary["files"]["faithfulness_heatmap"]["curves_csv"])
+    assert number(accept["heatmap_deletion_drop_ratio"]) == pytest.approx(
+        pd.read_csv(out / "faithfulness_heatmap.csv").drop_ratio.iloc[0], nan_ok=True)
+    assert set(heat.curve) == {"deletion", "insertion", "random_deletion", "random_insertion"}
     table = pd.read_csv(out / ra.NAMES_FILE)
     labels = json.loads((out / ra.ATOM_NAMES_FILE).read_text())
     assert {int(a) for a in labels} == set(table.atom[table.confident]) == set(load_atom_labels(out / ra.NAMES_FILE))

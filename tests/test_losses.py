@@ -133,3 +133,19 @@ def test_active_slots_restrict_matching_to_the_prompted_slots():
     single = segmentation_loss(heat, mask, conf, [target], active_slots=[1])
     assert single.matches[0].slot.tolist() == [0]
     assert single.mask_dice.item() > 0.9  # slot 0 predicts nothing there: a large Dice loss
+
+
+def test_heatmap_dice_term_adds_exactly_its_weight():
+    import torch
+
+    from segcompass.losses import SegLossConfig, dice_loss, segmentation_loss
+
+    torch.manual_seed(0)
+    heat, mask = torch.randn(2, 3, 8, 8), torch.randn(2, 3, 8, 8)
+    conf = torch.zeros(2, 3)
+    targets = [torch.rand(1, 8, 8).round(), torch.rand(2, 8, 8).round()]
+    base = segmentation_loss(heat, mask, conf, targets)
+    extra = segmentation_loss(heat, mask, conf, targets, SegLossConfig(heatmap_dice_weight=0.5))
+    pairs = [(b, int(s), int(t)) for b, m in enumerate(base.matches) for s, t in zip(m.slot, m.target)]
+    heat_dice = torch.stack([dice_loss(heat[b, s][None], targets[b][t][None])[0] for b, s, t in pairs]).mean()
+    torch.testing.assert_close(extra.seg - base.seg, 0.5 * heat_dice)
