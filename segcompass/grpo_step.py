@@ -25,9 +25,8 @@ from torch import Tensor
 from transformers import LogitsProcessor
 
 from saekit.inputs import PAD_TYPE, ModelBatch, TokenType
-from saekit.sae.encode import encode_sparse
 from segcompass.losses import SegLossConfig, SegLossOutput, segmentation_loss
-from segcompass.policy import PolicyForward, slot_inputs
+from segcompass.policy import PolicyForward
 
 ADVANTAGE_EPS = 1e-4
 """Added to the group std (as TRL): a group whose rewards are all equal gets advantage 0."""
@@ -82,17 +81,8 @@ def rollout_batch(prompt_ids: Tensor, prompt_mask: Tensor, prompt_types: Tensor,
 
 
 def head_pass(model, forward: PolicyForward, batch: ModelBatch, image_embeddings: Tensor):
-    """`SegCompass.forward` minus its policy pass: slots, SAE codes and head from `forward`.
-
-    model: a `segcompass.model.SegCompass`; image_embeddings (B, C, h, w) -> SegCompassOutput.
-    """
-    from segcompass.model import SegCompassOutput
-
-    slots = slot_inputs(forward, batch, model.ref_token_id, model.head.num_slots)
-    codes = encode_sparse(model.sae, slots.sae_tokens.detach().to(model.sae.W_enc.dtype),
-                          threshold=model.head_cfg.threshold)  # the SAE is frozen: no gradient
-    head = model.head(codes, slots.token_sample_index, slots.slot_embeddings.float(), image_embeddings)
-    return SegCompassOutput(head, forward, slots, codes)
+    """`SegCompass.forward` minus its policy pass (see `SegCompass.heads`)."""
+    return model.heads(forward, batch, image_embeddings)
 
 
 class Advantages(NamedTuple):

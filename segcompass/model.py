@@ -91,7 +91,10 @@ class SegCompass(nn.Module):
 
     def forward(self, batch: ModelBatch, image_embeddings: Tensor) -> SegCompassOutput:
         """One policy pass over prompt + response, SAE codes, head -> SegCompassOutput."""
-        forward = policy_forward(self.policy, batch, self.config.sae_layer)
+        return self.heads(policy_forward(self.policy, batch, self.config.sae_layer), batch, image_embeddings)
+
+    def heads(self, forward: PolicyForward, batch: ModelBatch, image_embeddings: Tensor) -> SegCompassOutput:
+        """Everything after the policy pass: slots, SAE codes, head (GRPO reuses TRL's pass)."""
         slots = slot_inputs(forward, batch, self.ref_token_id, self.head.num_slots)
         codes = encode_sparse(self.sae, slots.sae_tokens.detach().to(self.sae.W_enc.dtype),
                               threshold=self.head_cfg.threshold)  # the SAE is frozen: no gradient
