@@ -53,8 +53,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -63,7 +61,6 @@ from safetensors.torch import load_file
 from torch import Tensor
 
 from saekit.errors import UserError
-from segcompass.policy import final_norm
 from segcompass.rewards import RewardConfig, format_reward
 
 TRL_DIR = "trl"
@@ -168,29 +165,6 @@ def make_format_reward(tokenizer, eos_ids: list[int]):
 
     format_reward_fn.__name__ = "format"
     return format_reward_fn
-
-
-@contextmanager
-def recorded_states(policy: torch.nn.Module, sae_layer: int) -> Iterator[dict[str, Tensor]]:
-    """Record block `sae_layer`'s output ("sae") and the final norm's ("last") during forwards."""
-    from saekit.capture import check_layers, decoder_layers
-
-    blocks = decoder_layers(policy)
-    check_layers(len(blocks), [sae_layer], type(policy).__name__)
-    recorded: dict[str, Tensor] = {}
-
-    def record(name: str):
-        def hook(module, args, output):
-            recorded[name] = output[0] if isinstance(output, tuple) else output
-        return hook
-
-    handles = [blocks[sae_layer - 1].register_forward_hook(record("sae")),
-               final_norm(policy).register_forward_hook(record("last"))]
-    try:
-        yield recorded
-    finally:
-        for handle in handles:
-            handle.remove()
 
 
 def build_processor(loaded, policy_path: Path):

@@ -20,8 +20,8 @@ from trl import GRPOConfig, GRPOTrainer
 from saekit.atomic import atomic_write_json
 from saekit.inputs import PAD_TYPE, build_batch
 from segcompass.grpo import (GRPO_STATE, SIDE_WEIGHTS, WorldPrompts, _record, average_gradients,
-                             load_policy_weights, load_side_state, make_format_reward, recorded_states,
-                             reward_config, side_state)
+                             load_policy_weights, load_side_state, make_format_reward, reward_config, side_state)
+from segcompass.policy import recorded_states
 from segcompass.grpo_step import (Advantages, KeyedGumbelSampler, group_advantages, grpo_policy_loss, head_pass,
                                   per_sample_segmentation_loss, rollout_batch, rollout_seed)
 from segcompass.policy import PolicyForward

@@ -12,6 +12,8 @@ Both hidden states are recorded by forward hooks that are removed in `finally`.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import NamedTuple
 
 import torch
@@ -63,10 +65,12 @@ def final_norm(model: torch.nn.Module) -> torch.nn.Module:
     raise ValueError(f"{type(model).__name__}: no final norm at any of {', '.join(_FINAL_NORM_PATHS)}")
 
 
-def policy_forward(model: torch.nn.Module, batch: ModelBatch, sae_layer: int) -> PolicyForward:
-    """One forward pass (gradients on) recording block `sae_layer`'s output and the final norm's."""
-    blocks = decoder_layers(model)
-    check_layers(len(blocks), [sae_layer], type(model).__name__)
+@contextmanager
+def recorded_states(policy: torch.nn.Module, sae_layer: int) -> Iterator[dict[str, Tensor]]:
+    """Record block `sae_layer`'s output ("sae") and the final norm's ("last") during the
+    forward passes run inside the block (TRL's own pass, in GRPO). Hooks removed in `finally`."""
+    blocks = decoder_layers(policy)
+    check_layers(len(blocks), [sae_layer], type(policy).__name__)
     recorded: dict[str, Tensor] = {}
 
     def record(name: str):
@@ -75,14 +79,20 @@ def policy_forward(model: torch.nn.Module, batch: ModelBatch, sae_layer: int) ->
         return hook
 
     handles = [blocks[sae_layer - 1].register_forward_hook(record("sae")),
-               final_norm(model).register_forward_hook(record("last"))]
+               final_norm(policy).register_forward_hook(record("last"))]
     try:
-        device = next(model.parameters()).device
-        inputs = {k: v.to(device) if isinstance(v, Tensor) else v for k, v in batch.model_inputs.items()}
-        logits = model(**inputs, use_cache=False).logits
+        yield recorded
     finally:
         for handle in handles:
             handle.remove()
+
+
+def policy_forward(model: torch.nn.Module, batch: ModelBatch, sae_layer: int) -> PolicyForward:
+    """One forward pass (gradients on) recording block `sae_layer`'s output and the final norm's."""
+    with recorded_states(model, sae_layer) as recorded:
+        device = next(model.parameters()).device
+        inputs = {k: v.to(device) if isinstance(v, Tensor) else v for k, v in batch.model_inputs.items()}
+        logits = model(**inputs, use_cache=False).logits
     return PolicyForward(logits, recorded["sae"], recorded["last"])
 
 
