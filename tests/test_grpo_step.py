@@ -9,7 +9,7 @@ import torch
 from PIL import Image
 
 from saekit.inputs import build_batch
-from segcompass.grpo import recorded_states
+from segcompass.policy import recorded_states
 from segcompass.grpo_step import (KeyedGumbelSampler, group_advantages, grpo_policy_loss, head_pass,
                                   per_sample_segmentation_loss, rollout_batch, rollout_seed)
 from segcompass.losses import SegLossConfig, segmentation_loss
