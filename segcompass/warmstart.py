@@ -29,6 +29,7 @@ import numpy as np
 import torch
 
 from saekit.errors import UserError
+from segcompass.word_probe import build_word_probe, patch_targets
 
 CHAT_WORDS: tuple[str, ...] = ("user", "assistant")
 """Words of LLaVA's chat template ('USER: <image>\\n… ASSISTANT:') the tokenizer must know."""
@@ -53,9 +54,10 @@ class WarmstartConfig:
     caption_fraction: float = 0.25
     """Share of each batch trained on the caption task (every object named) instead of the policy task."""
     patch_loss_weight: float = 1.0
-    """Weight of the auxiliary perception loss: a linear probe on the image tokens' input
-    embeddings predicts the colour and shape of the object under each patch (training only;
-    the probe is not part of the saved policy). 0 = pure teacher forcing."""
+    """Weight of the auxiliary perception loss: each image token's input embedding is scored
+    against the word embeddings of the colour, shape, size and position of what lies under
+    its patch (`segcompass.word_probe`; training only, not part of the saved policy).
+    0 = pure teacher forcing."""
     lr: float = 2e-3
     """Peak learning rate (AdamW), after linear warm-up, cosine decay to 10%."""
     warmup_steps: int = 60
@@ -149,18 +151,7 @@ class Example(NamedTuple):
     prompt: str
     response: str
     patches: np.ndarray
-    """(2, G, G) int64 colour and shape class of the object under each vision patch (0 = background)."""
-
-
-def patch_classes(sample, grid: int) -> np.ndarray:
-    """(2, grid, grid) int64 class targets of the perception probe: 1 + colour index and
-    1 + shape index of the object covering each patch, 0 for background."""
-    from segcompass.data.world_render import COLOURS, SHAPES, patch_objects
-
-    owner = patch_objects(sample.objects[0].labels, grid)  # (G, G) object index or -1
-    colour = np.array([0] + [1 + list(COLOURS).index(o.colour) for o in sample.objects])
-    shape = np.array([0] + [1 + SHAPES.index(o.shape) for o in sample.objects])
-    return np.stack([colour[owner + 1], shape[owner + 1]])
+    """(5, G, G) int64 perception labels per vision patch (`word_probe.patch_targets`)."""
 
 
 def reference_example(sample, grid: int) -> Example:
@@ -168,7 +159,7 @@ def reference_example(sample, grid: int) -> Example:
     from segcompass.template import build_prompt, format_response, k_for
 
     return Example(sample.image, build_prompt(sample.instruction, multi=sample.multi_prompt),
-                   format_response(sample.cot, k_for(sample.multi_prompt)), patch_classes(sample, grid))
+                   format_response(sample.cot, k_for(sample.multi_prompt)), patch_targets(sample, grid))
 
 
 def caption_example(sample, grid: int) -> Example:
@@ -179,7 +170,7 @@ def caption_example(sample, grid: int) -> Example:
     """
     from segcompass.data.world_language import describe_scene
 
-    return Example(sample.image, CAPTION_PROMPT, describe_scene(sample.objects), patch_classes(sample, grid))
+    return Example(sample.image, CAPTION_PROMPT, describe_scene(sample.objects), patch_targets(sample, grid))
 
 
 class TeacherBatch(NamedTuple):
@@ -191,7 +182,7 @@ class TeacherBatch(NamedTuple):
     """(B, T) int64 next-token targets aligned with the inputs (label[t] is predicted at t-1);
     -100 except at response tokens and the end-of-turn token that follows them."""
     patch_targets: torch.Tensor
-    """(B, 2, G*G) int64 colour / shape class per image token, raster order."""
+    """(B, 5, G*G) int64 perception labels per image token, raster order (`word_probe.PROBE_FIELDS`)."""
 
     def to(self, device) -> "TeacherBatch":
         return TeacherBatch({k: v.to(device) for k, v in self.model_inputs.items()}, self.labels.to(device),
@@ -212,7 +203,7 @@ def teacher_batch(loaded, examples: Sequence[Example]) -> TeacherBatch:
     supervised = is_response.clone()
     supervised[torch.arange(len(examples)), (last + 1).clamp(max=is_response.shape[1] - 1)] = True
     ignore = torch.full_like(batch.model_inputs["input_ids"], -100)
-    patches = torch.from_numpy(np.stack([e.patches for e in examples])).flatten(2)  # (B, 2, G, G) -> (B, 2, G*G)
+    patches = torch.from_numpy(np.stack([e.patches for e in examples])).flatten(2)  # (B, 5, G, G) -> (B, 5, G*G)
     return TeacherBatch(batch.model_inputs, torch.where(supervised, batch.model_inputs["input_ids"], ignore),
                         patches)
 
@@ -225,19 +216,12 @@ class Losses(NamedTuple):
     response: torch.Tensor
     """Mean next-token cross-entropy over the supervised response positions."""
     patch: torch.Tensor
-    """Mean colour + shape cross-entropy of the perception probe over image tokens."""
-
-
-def n_probe_classes() -> tuple[int, int]:
-    """(colour classes, shape classes) of the perception probe, background included."""
-    from segcompass.data.world_render import COLOURS, SHAPES
-
-    return len(COLOURS) + 1, len(SHAPES) + 1
+    """Mean cross-entropy of the word probe over image tokens and fields (`segcompass.word_probe`)."""
 
 
 def teacher_losses(model: torch.nn.Module, probe: torch.nn.Module, batch: TeacherBatch,
                    patch_weight: float) -> Losses:
-    """One forward pass: response cross-entropy, and the probe's loss on the image tokens'
+    """One forward pass: response cross-entropy, and the word probe's loss on the image tokens'
     input embeddings (hidden_states[0], what the LLM receives from the vision tower)."""
     out = model(**batch.model_inputs, output_hidden_states=patch_weight > 0)
     # position t-1 predicts token t: (B, T-1, V) against (B, T-1)
@@ -248,20 +232,8 @@ def teacher_losses(model: torch.nn.Module, probe: torch.nn.Module, batch: Teache
     is_image = batch.model_inputs["input_ids"] == model.config.image_token_id  # (B, T)
     n_batch, n_patches = batch.patch_targets.shape[0], batch.patch_targets.shape[2]
     image_states = out.hidden_states[0][is_image].view(n_batch, n_patches, -1)  # (B*G², D) -> (B, G², D)
-    n_colours, _ = n_probe_classes()
-    logits = probe(image_states)  # (B, G², n_colours + n_shapes)
-    patch = (torch.nn.functional.cross_entropy(logits[..., :n_colours].flatten(0, 1),
-                                               batch.patch_targets[:, 0].flatten())
-             + torch.nn.functional.cross_entropy(logits[..., n_colours:].flatten(0, 1),
-                                                 batch.patch_targets[:, 1].flatten()))
+    patch = probe.loss(image_states, model.get_input_embeddings().weight, batch.patch_targets)
     return Losses(response + patch_weight * patch, response, patch)
-
-
-def build_probe(cfg: WarmstartConfig) -> torch.nn.Linear:
-    """The perception probe: one linear map from an image token to colour and shape logits."""
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(cfg.seed + 1)
-        return torch.nn.Linear(cfg.hidden_size, sum(n_probe_classes()))
 
 
 def lr_factor(step: int, cfg: WarmstartConfig) -> float:
@@ -313,7 +285,8 @@ def train(cfg: WarmstartConfig, *, progress: bool = True, stop_after: int | None
     _write_json(out / CONFIG_FILE, _config_record(cfg))
     torch.manual_seed(cfg.seed)
     loaded = build_policy(cfg)
-    model, probe = loaded.model.to(device).train(), build_probe(cfg).to(device)
+    model = loaded.model.to(device).train()
+    probe = build_word_probe(loaded.tokenizer, cfg.hidden_size, cfg.seed + 1).to(device)
     # The probe trains with the policy; it is checkpointed (for exact resume) but never exported.
     modules = torch.nn.ModuleDict({"policy": model, "probe": probe})
     optimizer = torch.optim.AdamW(modules.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)

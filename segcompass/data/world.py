@@ -163,6 +163,29 @@ def _pairs(n: int, bias: str, rng: np.random.Generator) -> list[tuple[str, str]]
     return [(colours[colour_ids[c // n_shapes]], SHAPES[shape_ids[c % n_shapes]]) for c in cells]
 
 
+LATTICE = 16
+"""Object centres sit on the centres of a LATTICE-pixel grid (± LATTICE_JITTER): the 8×8 patch
+grid of the tiny policy's vision tower (128 px / 16, or 64 px / 8). A from-scratch tiny ViT
+then sees each (shape, size) as nearly the same pixel pattern in its patches and learns shapes
+in minutes; at free positions it stays at chance for thousands of steps (measured: a probe on
+its patch features, 300 steps × 32 images, shape accuracy 17-30 % vs 17 % chance)."""
+LATTICE_JITTER = 2
+"""Pixels of random offset around a lattice point (so no two scenes align perfectly)."""
+
+
+def _candidate_centres(radius_of: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """(n, 24, 2) int candidate (x, y) centres per object: lattice points whose stencil fits
+    in the image, plus jitter. Drawn in one call for all objects."""
+    cells = np.arange(LATTICE // 2, IMAGE_SIZE, LATTICE)  # lattice coordinates, e.g. 8, 24, …, 120
+    # A stencil of radius r fits when r + jitter <= c <= S - 1 - r - jitter.
+    lo = np.searchsorted(cells, radius_of + LATTICE_JITTER)  # (n,) first usable cell
+    hi = np.searchsorted(cells, IMAGE_SIZE - 1 - radius_of - LATTICE_JITTER, side="right")  # (n,) past last
+    raw = rng.random((len(radius_of), 24, 2))
+    index = lo[:, None, None] + (raw * (hi - lo)[:, None, None]).astype(int)  # (n, 24, 2)
+    jitter = rng.integers(-LATTICE_JITTER, LATTICE_JITTER + 1, size=index.shape)
+    return cells[index] + jitter
+
+
 def _place(spec: SplitSpec, rng: np.random.Generator, bias: str = "any") -> list[Placement] | None:
     """Objects with distinct (colour, shape) at non-crowding positions, or None if they don't fit."""
     n = int(rng.integers(spec.n_objects[0], spec.n_objects[1] + 1))
@@ -170,10 +193,7 @@ def _place(spec: SplitSpec, rng: np.random.Generator, bias: str = "any") -> list
     size_names = list(SIZES)
     sizes = _weighted(rng, spec.size_weights, n)
     radius_of = np.array([SIZES[size_names[i]] for i in sizes])  # (n,)
-    # 24 candidate centres per object, drawn in one call; candidate c of object k lies in
-    # [r_k, S - r_k) on both axes so the stencil stays inside the image.
-    raw = rng.random((n, 24, 2))
-    candidates = (radius_of[:, None, None] + raw * (IMAGE_SIZE - 2 * radius_of[:, None, None])).astype(int)
+    candidates = _candidate_centres(radius_of, rng)  # (n, 24, 2) x, y
     centres = np.zeros((n, 2))  # (n, 2) x, y of the placed objects (first `k` rows valid)
     placements = []
     for k in range(n):
