@@ -78,4 +78,6 @@ def load_optimizer_state(optimizer: torch.optim.Optimizer, tensors: dict[str, to
         index, name = key.split(".", 1)
         # AdamW keeps `step` on the CPU (a scalar tensor); moments live with the parameters.
         state.setdefault(int(index), {})[name] = value if name == "step" else value.to(device)
-    optimizer.load_state_dict({"state": state, "param_groups": param_groups})
+    # JSON turns tuples into lists; give the optimizer back exactly what it saved
+    groups = [{k: tuple(v) if k == "betas" else v for k, v in group.items()} for group in param_groups]
+    optimizer.load_state_dict({"state": state, "param_groups": groups})

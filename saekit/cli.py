@@ -38,7 +38,7 @@ def dispatch(prog: str, package: str, commands: dict[str, str], argv: list[str] 
 
 
 def _module(package: str, name: str):
-    return importlib.import_module(f"{package}.commands.{name}")
+    return importlib.import_module(f"{package}.commands.{name.replace('-', '_')}")
 
 
 def main(argv: list[str] | None = None) -> int:

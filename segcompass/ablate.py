@@ -47,6 +47,8 @@ class AblateConfig:
     """Warm-started policy folder (`segcompass warmstart` output)."""
     sae: Path
     """SAE folder trained on the policy's layer `sae_layer`."""
+    sam_path: Path | None = None
+    """Pretrained world SAM (`segcompass sam-pretrain` output); None trains sam-tiny-16 from scratch."""
     out: Path = Path("runs/ablate")
     """Output folder; the study writes into out/<study>/."""
     sae_layer: int = 2
@@ -104,7 +106,8 @@ def study_runs(cfg: AblateConfig) -> list[Run]:
                 Run("format+mask", {**rl_seg, "format_reward_weight": 0.3, "mask_reward_weight": 0.7})]
     if cfg.study == "group-size":
         return [Run(f"G={g}", {"mode": "rl+seg", **_grpo(cfg, g)}) for g in (2, 4, 8) if cfg.sequences % g == 0]
-    return [Run(preset, {**rl_seg, "sam_preset": preset}) for preset in ("sam-tiny-16", "sam-tiny-32")]
+    # both backbones from scratch: a pretrained --sam-path fits one preset only
+    return [Run(preset, {**rl_seg, "sam_preset": preset, "sam_path": None}) for preset in ("sam-tiny-16", "sam-tiny-32")]
 
 
 def train_config(cfg: AblateConfig, run: Run):
@@ -113,7 +116,7 @@ def train_config(cfg: AblateConfig, run: Run):
     return TrainConfig(policy=cfg.policy, sae=cfg.sae, out=Path(cfg.out) / cfg.study / _folder(run.name),
                        sae_layer=cfg.sae_layer, steps=cfg.steps, seed=cfg.seed, threads=cfg.threads,
                        device=cfg.device, checkpoint_every=max(1, cfg.steps // 4),
-                       log_every=max(1, cfg.steps // 50), **run.settings)
+                       log_every=max(1, cfg.steps // 50), **{"sam_path": cfg.sam_path, **run.settings})
 
 
 def _folder(name: str) -> str:

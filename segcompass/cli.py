@@ -12,6 +12,7 @@ COMMANDS: dict[str, str] = {
     "score": "Score predicted masks against ground truth in the ReasonSeg layout.",
     "demo": "Run the whole embedded pipeline: world, warm start, SAE, training, evaluation, reports.",
     "warmstart": "Train the tiny policy on the world's chain of thought by teacher forcing.",
+    "sam-pretrain": "Pretrain a world SAM preset as a promptable segmenter (the SA-1B stand-in).",
     "train": "Train SegCompass (policy above the SAE layer, head, SAM decoder) with segmentation supervision.",
     "eval": "Evaluate a SegCompass checkpoint on world splits: gIoU, cIoU, N-acc, T-acc, RLE predictions.",
     "predict": "Segment one image from an instruction and write an inspectable HTML report.",

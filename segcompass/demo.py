@@ -1,6 +1,6 @@
 """`segcompass demo`: the whole embedded pipeline, end to end, on a laptop CPU.
 
-    world -> warm-started tiny policy -> activation cache -> SAE -> SegCompass training
+    world -> warm-started tiny policy -> pretrained world SAM -> activation cache -> SAE -> SegCompass training
           -> evaluation -> prediction report -> index.html
 
 Every stage writes into its own folder under `out` and is skipped when its result is
@@ -35,6 +35,8 @@ class DemoConfig:
     """World samples (image + instruction + chain of thought) whose activations train the SAE."""
     sae_tokens: int = 600_000
     """Tokens the SAE trains on (the cache is cycled)."""
+    sam_steps: int = 800
+    """Promptable-segmentation pretraining steps of the world SAM (`segcompass sam-pretrain`)."""
     seg_steps: int = 900
     """SegCompass training steps."""
     eval_samples: int = 200
@@ -45,7 +47,7 @@ class DemoConfig:
     def effective(self) -> "DemoConfig":
         if not self.quick:
             return self
-        return dataclasses.replace(self, sae_samples=300, sae_tokens=120_000, seg_steps=60,
+        return dataclasses.replace(self, sae_samples=300, sae_tokens=120_000, sam_steps=60, seg_steps=60,
                                    eval_samples=40, d_sae=2048)
 
 
@@ -66,10 +68,13 @@ def run_demo(cfg: DemoConfig) -> Path:
     policy_dir = _warmstart(cfg, out / "warmstart")
     timings["warmstart"] = time.perf_counter() - t0
     t = time.perf_counter()
+    sam_dir = _sam(cfg, out / "sam")
+    timings["sam"] = time.perf_counter() - t
+    t = time.perf_counter()
     sae_dir = _sae(cfg, out, policy_dir)
     timings["sae"] = time.perf_counter() - t
     t = time.perf_counter()
-    checkpoint = _segcompass(cfg, out / "segcompass", policy_dir, sae_dir)
+    checkpoint = _segcompass(cfg, out / "segcompass", policy_dir, sae_dir, sam_dir)
     timings["segcompass"] = time.perf_counter() - t
     t = time.perf_counter()
     scores = _evaluate(cfg, out / "eval", checkpoint)
@@ -92,6 +97,15 @@ def _warmstart(cfg: DemoConfig, out: Path) -> Path:
     if _stage("warm start of the tiny policy", (out / "eval.json").is_file()):
         train(WarmstartConfig(out=out, quick=cfg.quick, seed=cfg.seed))
     return model_dir
+
+
+def _sam(cfg: DemoConfig, out: Path) -> Path:
+    from segcompass.sam_pretrain import REPORT_FILE, SAM_DIR, SamPretrainConfig, pretrain_sam
+
+    if _stage("pretraining of the world SAM", (out / REPORT_FILE).is_file()):
+        pretrain_sam(SamPretrainConfig(out=out, steps=cfg.sam_steps, prompts_per_image=2, seed=cfg.seed,
+                                       eval_samples=40 if cfg.quick else 200))
+    return out / SAM_DIR
 
 
 def _sae(cfg: DemoConfig, out: Path, policy_dir: Path) -> Path:
@@ -121,12 +135,12 @@ def _complete(cache: Path) -> bool:
     return json.loads((cache / "manifest.json").read_text()).get("complete", False)
 
 
-def _segcompass(cfg: DemoConfig, out: Path, policy_dir: Path, sae_dir: Path) -> Path:
+def _segcompass(cfg: DemoConfig, out: Path, policy_dir: Path, sae_dir: Path, sam_dir: Path) -> Path:
     from segcompass.train import TrainConfig, train
 
     final = out / "final"
     if _stage("SegCompass training (mode seg)", (final / "segcompass.json").is_file()):
-        train(TrainConfig(policy=policy_dir, sae=sae_dir, out=out, sae_layer=cfg.sae_layer,
+        train(TrainConfig(policy=policy_dir, sae=sae_dir, sam_path=sam_dir, out=out, sae_layer=cfg.sae_layer,
                           steps=cfg.seg_steps, seed=cfg.seed))
     return final
 

@@ -138,9 +138,9 @@ def load_sam(name: str, model_path: Path | str | None = None, *, device: str | t
     loads anyway, with a warning (the checkpoint is the truth).
     """
     preset = _preset(name)
-    if preset.hub_id is None:
-        raise UserError(f"SAM preset {name!r} has no pretrained weights; build it with build_sam "
-                        f"and train it, or pick one of sam-vit-b/l/h with --sam-path DIR")
+    if preset.hub_id is None and model_path is None:
+        raise UserError(f"SAM preset {name!r} has no published weights; pretrain it with "
+                        f"`segcompass sam-pretrain` and pass --sam-path DIR, or pick one of sam-vit-b/l/h")
     source = _resolve_sam_dir(name, preset, model_path)
     sam = SamModel.from_pretrained(source, use_safetensors=True, local_files_only=True, dtype=dtype)
     _warn_on_preset_mismatch(name, preset, sam.config)
@@ -158,11 +158,12 @@ def _resolve_sam_dir(name: str, preset: SamPreset, model_path: Path | str | None
                             f"cache; download them elsewhere and pass --sam-path DIR") from None
     else:
         path = Path(model_path)
+    layout = preset.hub_id or f"{name} (`segcompass sam-pretrain` output)"
     if not path.is_dir():
-        raise UserError(f"--sam-path {path}: no such directory; point it at a local {preset.hub_id} "
-                        f"download (config.json + model.safetensors)")
+        raise UserError(f"--sam-path {path}: no such directory; point it at a local {layout} "
+                        f"folder (config.json + model.safetensors)")
     if not (path / "config.json").is_file():
-        raise UserError(f"--sam-path {path}: no config.json there; expected a {preset.hub_id} "
+        raise UserError(f"--sam-path {path}: no config.json there; expected a {layout} "
                         f"directory (config.json + model.safetensors)")
     if not any(path.glob("*.safetensors")):
         raise UserError(f"--sam-path {path}: no *.safetensors weights (only safetensors are read; "

@@ -28,6 +28,7 @@ from typing import NamedTuple, Sequence
 import numpy as np
 import torch
 
+from saekit.atomic import load_optimizer_state, optimizer_state_tensors
 from saekit.errors import UserError
 from segcompass.word_probe import build_word_probe, patch_targets
 
@@ -80,6 +81,16 @@ class WarmstartConfig:
     """Vision tower width."""
     vision_layers: int = 3
     """Vision tower blocks; LLaVA reads the second-to-last one, so 3 gives 2 effective blocks."""
+    vision_steps: int = 1500
+    """Stage 0 (`segcompass.vision_pretrain`): steps of per-patch colour/shape/size training of
+    the vision tower alone before the LLM stage; 0 = skip (the tower then learns from the LLM loss)."""
+    vision_lr: float = 2e-3
+    """Peak learning rate of stage 0 (AdamW, one-cycle)."""
+    freeze_vision: bool = True
+    """Freeze the vision tower after stage 0 (the LLM stage trains projector and LLM only)."""
+    tie_embeddings: bool = True
+    """Share the LLM's input embeddings and output head (saved in the config, so it survives
+    `from_pretrained`): a word the policy reads off an image token is then a word it can write."""
     seed: int = 0
     """Seeds the weights, the world samples and torch's RNG."""
     quick: bool = False
@@ -96,6 +107,8 @@ class WarmstartConfig:
     """'auto' (cuda when available), 'cpu', 'cuda', ..."""
 
     def __post_init__(self) -> None:
+        if self.vision_steps < 0 or self.vision_lr <= 0:
+            raise UserError("warmstart: --vision-steps must be >= 0 and --vision-lr > 0")
         for name in ("steps", "batch_size", "hidden_size", "n_layers", "n_heads", "checkpoint_every"):
             if getattr(self, name) < 1:
                 raise UserError(f"warmstart: --{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
@@ -120,7 +133,7 @@ class WarmstartConfig:
         return self.n_train or self.steps * self.batch_size
 
 
-QUICK_OVERRIDES: dict = {"steps": 300, "eval_samples": 100, "checkpoint_every": 100}
+QUICK_OVERRIDES: dict = {"steps": 150, "vision_steps": 300, "eval_samples": 100, "checkpoint_every": 50}
 """What --quick changes (everything else as given)."""
 
 
@@ -137,10 +150,15 @@ def build_policy(cfg: WarmstartConfig):
     from saekit.tiny import build_tiny_llava
     from segcompass.template import SPECIAL_TOKENS
 
-    return build_tiny_llava(
+    loaded = build_tiny_llava(
         policy_vocabulary(), extra_special_tokens=SPECIAL_TOKENS, image_size=cfg.image_size,
         patch_size=cfg.patch_size, hidden_size=cfg.hidden_size, n_layers=cfg.n_layers, n_heads=cfg.n_heads,
         vision_hidden_size=cfg.vision_hidden_size, vision_layers=cfg.vision_layers, seed=cfg.seed)
+    if cfg.tie_embeddings:
+        model = loaded.model
+        model.config.tie_word_embeddings = model.config.text_config.tie_word_embeddings = True
+        model.lm_head.weight = model.get_input_embeddings().weight
+    return loaded
 
 
 class Example(NamedTuple):
@@ -289,9 +307,18 @@ def train(cfg: WarmstartConfig, *, progress: bool = True, stop_after: int | None
     probe = build_word_probe(loaded.tokenizer, cfg.hidden_size, cfg.seed + 1).to(device)
     # The probe trains with the policy; it is checkpointed (for exact resume) but never exported.
     modules = torch.nn.ModuleDict({"policy": model, "probe": probe})
-    optimizer = torch.optim.AdamW(modules.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    resuming = cfg.resume and checkpoint_exists(out / CHECKPOINT_DIR)
+    vision = {} if resuming else _vision_stage(cfg, loaded, device, progress)
+    if cfg.freeze_vision and cfg.vision_steps:
+        model.model.vision_tower.requires_grad_(False)
+    trainable = [p for p in modules.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=cfg.lr, weight_decay=cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, cfg))
-    step = load_checkpoint(out / CHECKPOINT_DIR, cfg, modules, optimizer, scheduler) if cfg.resume else 0
+    if resuming:
+        step, vision = load_checkpoint(out / CHECKPOINT_DIR, cfg, modules, optimizer, scheduler)
+    else:  # stage 0 is not repeated after an interruption
+        step = 0
+        save_checkpoint(out / CHECKPOINT_DIR, cfg, modules, optimizer, scheduler, 0, vision)
     end = cfg.steps if stop_after is None else min(cfg.steps, stop_after)
     bar = tqdm(range(step, end), initial=step, total=cfg.steps, desc="warmstart", disable=not progress)
     for step in bar:
@@ -299,21 +326,35 @@ def train(cfg: WarmstartConfig, *, progress: bool = True, stop_after: int | None
                                 cfg.patch_loss_weight)
         optimizer.zero_grad(set_to_none=True)
         losses.total.backward()
-        torch.nn.utils.clip_grad_norm_(modules.parameters(), cfg.grad_clip)
+        torch.nn.utils.clip_grad_norm_(trainable, cfg.grad_clip)
         optimizer.step()
         scheduler.step()
         bar.set_postfix(loss=f"{losses.response.item():.3f}", patch=f"{losses.patch.item():.3f}",
                         lr=f"{scheduler.get_last_lr()[0]:.1e}")
         if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == end:
-            save_checkpoint(out / CHECKPOINT_DIR, cfg, modules, optimizer, scheduler, step + 1)
+            save_checkpoint(out / CHECKPOINT_DIR, cfg, modules, optimizer, scheduler, step + 1, vision)
     bar.close()
     model.eval()
     if end < cfg.steps:
         return WarmstartResult(out / MODEL_DIR, {}, time.perf_counter() - start_time)
-    return _finish(cfg, loaded, out, start_time, progress)
+    return _finish(cfg, loaded, out, start_time, progress, vision)
 
 
-def _finish(cfg: WarmstartConfig, loaded, out: Path, start_time: float, progress: bool) -> WarmstartResult:
+def _vision_stage(cfg: WarmstartConfig, loaded, device, progress: bool) -> dict:
+    """Stage 0 (see `segcompass.vision_pretrain`); returns its held-out patch accuracy."""
+    if not cfg.vision_steps:
+        return {}
+    from segcompass.vision_pretrain import pretrain_vision_tower
+
+    result = pretrain_vision_tower(loaded, steps=cfg.vision_steps, batch_size=cfg.batch_size, lr=cfg.vision_lr,
+                                   grid=cfg.image_size // cfg.patch_size, seed=cfg.seed, device=device,
+                                   progress=progress)
+    loaded.model.train()
+    return {"steps": result.steps, "foreground_patch_accuracy": result.accuracy}
+
+
+def _finish(cfg: WarmstartConfig, loaded, out: Path, start_time: float, progress: bool,
+            vision: dict) -> WarmstartResult:
     """Save the HF folder, decode `val` greedily, write eval.json."""
     from saekit.models import save_pretrained
 
@@ -324,7 +365,7 @@ def _finish(cfg: WarmstartConfig, loaded, out: Path, start_time: float, progress
         from segcompass.policy_eval import evaluate_policy
 
         report = evaluate_policy(loaded, "val", cfg.eval_samples, seed=cfg.seed + 1, progress=progress)
-    report |= {"train_wall_s": round(train_s, 1), "total_wall_s": round(time.perf_counter() - start_time, 1),
+    report |= {"vision_pretraining": vision, "train_wall_s": round(train_s, 1), "total_wall_s": round(time.perf_counter() - start_time, 1),
                "load_average_1min": round(os.getloadavg()[0], 2), "threads": torch.get_num_threads()}
     _write_json(out / EVAL_FILE, report)
     return WarmstartResult(model_dir, report, time.perf_counter() - start_time)
@@ -345,7 +386,8 @@ def _write_json(path: Path, record: dict) -> None:
     os.replace(tmp, path)
 
 
-def save_checkpoint(directory: Path, cfg: WarmstartConfig, model, optimizer, scheduler, step: int) -> None:
+def save_checkpoint(directory: Path, cfg: WarmstartConfig, model, optimizer, scheduler, step: int,
+                    vision: dict) -> None:
     """Write weights, optimizer state, RNG and step to a temporary folder, then swap it in.
 
     A crash at any moment leaves either the previous checkpoint (possibly as
@@ -356,12 +398,13 @@ def save_checkpoint(directory: Path, cfg: WarmstartConfig, model, optimizer, sch
     tmp, old = directory.with_name(directory.name + ".tmp"), directory.with_name(directory.name + ".old")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    save_file({k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}, tmp / WEIGHTS_FILE)
-    tensors, groups = _flatten_optimizer(optimizer)
+    # clone: tied weights share storage, which safetensors refuses to write twice
+    save_file({k: v.detach().cpu().clone() for k, v in model.state_dict().items()}, tmp / WEIGHTS_FILE)
+    tensors, groups = optimizer_state_tensors(optimizer)
     save_file(tensors, tmp / OPTIMIZER_FILE)
     save_file({"torch_rng": torch.get_rng_state()}, tmp / "rng.safetensors")
     state = {"step": step, "param_groups": groups, "scheduler": scheduler.state_dict(),
-             "config": _config_record(cfg)}
+             "config": _config_record(cfg), "vision_pretraining": vision}
     _write_json(tmp / STATE_FILE, state)
     if directory.exists():
         shutil.rmtree(old, ignore_errors=True)
@@ -370,15 +413,17 @@ def save_checkpoint(directory: Path, cfg: WarmstartConfig, model, optimizer, sch
     shutil.rmtree(old, ignore_errors=True)
 
 
-def load_checkpoint(directory: Path, cfg: WarmstartConfig, model, optimizer, scheduler) -> int:
-    """Restore a checkpoint into model/optimizer/scheduler/RNG; returns its step (0 if none)."""
+def checkpoint_exists(directory: Path) -> bool:
+    """A complete checkpoint is at `directory` (or at its `.old` twin after an interrupted swap)."""
+    return (directory / STATE_FILE).is_file() or (directory.with_name(directory.name + ".old") / STATE_FILE).is_file()
+
+
+def load_checkpoint(directory: Path, cfg: WarmstartConfig, model, optimizer, scheduler) -> tuple[int, dict]:
+    """Restore a checkpoint into model/optimizer/scheduler/RNG; returns its step and stage-0 record."""
     from safetensors.torch import load_file
 
     if not (directory / STATE_FILE).is_file():
-        old = directory.with_name(directory.name + ".old")
-        if not (old / STATE_FILE).is_file():
-            return 0
-        directory = old  # interrupted between the two renames of save_checkpoint
+        directory = directory.with_name(directory.name + ".old")  # interrupted between the two renames
     state = json.loads((directory / STATE_FILE).read_text())
     mine = _config_record(cfg)
     changed = [k for k, v in state["config"].items() if k not in _RESUME_IRRELEVANT and mine.get(k) != v]
@@ -387,27 +432,7 @@ def load_checkpoint(directory: Path, cfg: WarmstartConfig, model, optimizer, sch
                         f"use another --out or --no-resume")
     device = next(model.parameters()).device
     model.load_state_dict({k: v.to(device) for k, v in load_file(directory / WEIGHTS_FILE).items()})
-    _restore_optimizer(optimizer, load_file(directory / OPTIMIZER_FILE), state["param_groups"], device)
+    load_optimizer_state(optimizer, load_file(directory / OPTIMIZER_FILE), state["param_groups"], device)
     scheduler.load_state_dict(state["scheduler"])
     torch.set_rng_state(load_file(directory / "rng.safetensors")["torch_rng"])
-    return int(state["step"])
-
-
-def _flatten_optimizer(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], list]:
-    """Optimizer state as flat safetensors-able tensors + JSON-able param groups."""
-    state_dict = optimizer.state_dict()
-    tensors = {}
-    for index, slots in state_dict["state"].items():
-        for name, value in slots.items():
-            value = value if torch.is_tensor(value) else torch.tensor(value)
-            tensors[f"{index}.{name}"] = value.detach().contiguous().cpu()
-    return tensors, state_dict["param_groups"]
-
-
-def _restore_optimizer(optimizer, tensors: dict[str, torch.Tensor], groups: list, device) -> None:
-    state: dict[int, dict[str, torch.Tensor]] = {}
-    for key, value in tensors.items():
-        index, name = key.split(".", 1)
-        # AdamW keeps `step` on the CPU (a scalar tensor); moments live with the parameters.
-        state.setdefault(int(index), {})[name] = value if name == "step" else value.to(device)
-    optimizer.load_state_dict({"state": state, "param_groups": groups})
+    return int(state["step"]), state.get("vision_pretraining", {})

@@ -14,7 +14,7 @@ from segcompass.warmstart import (CHECKPOINT_DIR, EVAL_FILE, MODEL_DIR, WEIGHTS_
                                   teacher_batch, train)
 
 TINY = dict(hidden_size=32, n_layers=1, n_heads=2, vision_hidden_size=16, vision_layers=2, image_size=32,
-            patch_size=8, batch_size=2, threads=1, warmup_steps=1)
+            patch_size=8, batch_size=2, threads=1, warmup_steps=1, vision_steps=2)
 
 
 def test_labels_cover_exactly_the_response_and_its_end(tmp_path):
