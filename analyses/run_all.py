@@ -305,7 +305,7 @@ def faithfulness(model, c: Collected, *, metric: str = "mask", ks=faith.DEFAULT_
     drop = faith.iou_drop(results, k=5)
     summary = {"metric": metric, "n_items": len(results), "ks": [int(k) for k in ks], "n_draws": n_draws,
                "items": [item._asdict() for item in items], **table.iloc[0].to_dict(),
-               "drop_ratio_at_least_3": bool(drop.ratio >= 3)}
+               "drop_ratio_at_least_3": passes_deletion_bar(drop)}
     title = (f"Concept-pathway faithfulness ({'mask IoU' if metric == 'mask' else 'heatmap soft IoU'}): "
              f"top slot of {len(results)} {split} samples")
     figure = faith.plot_faithfulness(results, title=title)
@@ -361,6 +361,19 @@ def acceptance(summaries: dict[str, dict]) -> dict[str, Any]:
             "heatmap_deletion_drop_random5": fh.get("drop_random5", nan),
             "heatmap_deletion_drop_ratio": fh.get("drop_ratio", nan),
             "codebook_atoms_named_fraction": nm["fraction"]}
+
+
+MIN_MEANINGFUL_DROP = 0.01
+"""Smallest mean IoU drop (1 point) that counts as "deleting the atoms changed the mask"."""
+
+
+def passes_deletion_bar(drop) -> bool:
+    """Issue 6's bar: deleting a slot's top-5 atoms drops IoU >= 3x more than 5 random active atoms.
+
+    A ratio alone is vacuous when the random drop is ~0 or negative (a 2e-4 drop against
+    -1e-5 is an "infinite" ratio of nothing), so the top-5 drop must also be meaningful.
+    """
+    return bool(drop.drop_top >= MIN_MEANINGFUL_DROP and drop.drop_top >= 3 * max(drop.drop_random, 0.0))
 
 
 def run_all(checkpoint: str | Path, out_dir: str | Path, *, split: str = "val", n: int = 48, seed: int = 1,

@@ -65,7 +65,8 @@ def add_config_args(parser: argparse.ArgumentParser, cls: type, *,
             field.default_factory() if field.default_factory is not dataclasses.MISSING  # type: ignore[misc]
             else None)
         required = field.default is dataclasses.MISSING and field.default_factory is dataclasses.MISSING
-        help_text = docs.get(field.name, "")
+        # argparse %-formats help strings: a literal '%' in a docstring ("10%") must be doubled.
+        help_text = docs.get(field.name, "").replace("%", "%%")
         if not required:
             help_text += f" (default: {default})"
         kwargs: dict[str, Any] = {"dest": field.name, "help": help_text, "required": required,

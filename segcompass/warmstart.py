@@ -30,7 +30,8 @@ import torch
 
 from saekit.atomic import load_optimizer_state, optimizer_state_tensors
 from saekit.errors import UserError
-from segcompass.word_probe import build_word_probe, patch_targets
+from segcompass.template import REF_TOKEN, ref_token_mask
+from segcompass.word_probe import build_slot_probe, build_word_probe, patch_targets, slot_targets
 
 CHAT_WORDS: tuple[str, ...] = ("user", "assistant")
 """Words of LLaVA's chat template ('USER: <image>\\n… ASSISTANT:') the tokenizer must know."""
@@ -59,6 +60,10 @@ class WarmstartConfig:
     against the word embeddings of the colour, shape, size and position of what lies under
     its patch (`segcompass.word_probe`; training only, not part of the saved policy).
     0 = pure teacher forcing."""
+    slot_loss_weight: float = 1.0
+    """Weight of the concentration-token probe: each <REF_POS>'s last-layer state (the slot
+    embedding e_k the head reads) is scored against the colour and shape words of the target
+    it stands for, or 'none' (`segcompass.word_probe.build_slot_probe`; training only). 0 = off."""
     lr: float = 2e-3
     """Peak learning rate (AdamW), after linear warm-up, cosine decay to 10%."""
     warmup_steps: int = 60
@@ -77,6 +82,8 @@ class WarmstartConfig:
     """Language model decoder blocks."""
     n_heads: int = 4
     """Language model attention heads."""
+    intermediate_size: int = 0
+    """Language model MLP width; 0 = 4 × hidden_size (Llama's ratio)."""
     vision_hidden_size: int = 64
     """Vision tower width."""
     vision_layers: int = 3
@@ -117,8 +124,11 @@ class WarmstartConfig:
         if self.image_size % self.patch_size:
             raise UserError(f"warmstart: --image-size {self.image_size} is not a multiple of "
                             f"--patch-size {self.patch_size}")
-        if self.patch_loss_weight < 0:
-            raise UserError(f"warmstart: --patch-loss-weight must be >= 0, got {self.patch_loss_weight}")
+        if self.intermediate_size < 0:
+            raise UserError(f"warmstart: --intermediate-size must be >= 0, got {self.intermediate_size}")
+        if self.patch_loss_weight < 0 or self.slot_loss_weight < 0:
+            raise UserError(f"warmstart: --patch-loss-weight and --slot-loss-weight must be >= 0, got "
+                            f"{self.patch_loss_weight}, {self.slot_loss_weight}")
         if not 0 <= self.caption_fraction < 1:
             raise UserError(f"warmstart: --caption-fraction must lie in [0, 1), got {self.caption_fraction}")
         if self.lr <= 0:
@@ -153,6 +163,7 @@ def build_policy(cfg: WarmstartConfig):
     loaded = build_tiny_llava(
         policy_vocabulary(), extra_special_tokens=SPECIAL_TOKENS, image_size=cfg.image_size,
         patch_size=cfg.patch_size, hidden_size=cfg.hidden_size, n_layers=cfg.n_layers, n_heads=cfg.n_heads,
+        intermediate_size=cfg.intermediate_size or None,
         vision_hidden_size=cfg.vision_hidden_size, vision_layers=cfg.vision_layers, seed=cfg.seed)
     if cfg.tie_embeddings:
         model = loaded.model
@@ -170,14 +181,17 @@ class Example(NamedTuple):
     response: str
     patches: np.ndarray
     """(5, G, G) int64 perception labels per vision patch (`word_probe.patch_targets`)."""
+    slots: np.ndarray
+    """(2, K_MULTI) int64 colour/shape labels of the response's <REF_POS> tokens (`word_probe.slot_targets`)."""
 
 
 def reference_example(sample, grid: int) -> Example:
     """The policy task: the template prompt and '<think> {CoT} </think> <REF_POS>×K'."""
-    from segcompass.template import build_prompt, format_response, k_for
+    from segcompass.template import K_MULTI, build_prompt, format_response, k_for
 
     return Example(sample.image, build_prompt(sample.instruction, multi=sample.multi_prompt),
-                   format_response(sample.cot, k_for(sample.multi_prompt)), patch_targets(sample, grid))
+                   format_response(sample.cot, k_for(sample.multi_prompt)), patch_targets(sample, grid),
+                   slot_targets(sample, K_MULTI))
 
 
 def caption_example(sample, grid: int) -> Example:
@@ -187,8 +201,11 @@ def caption_example(sample, grid: int) -> Example:
     a referring CoT grounds one to three; it shares no prompt with the policy task.
     """
     from segcompass.data.world_language import describe_scene
+    from segcompass.template import K_MULTI
 
-    return Example(sample.image, CAPTION_PROMPT, describe_scene(sample.objects), patch_targets(sample, grid))
+    # A caption has no <REF_POS>, so its slot labels are never read.
+    return Example(sample.image, CAPTION_PROMPT, describe_scene(sample.objects), patch_targets(sample, grid),
+                   np.zeros((2, K_MULTI), dtype=np.int64))
 
 
 class TeacherBatch(NamedTuple):
@@ -201,10 +218,16 @@ class TeacherBatch(NamedTuple):
     -100 except at response tokens and the end-of-turn token that follows them."""
     patch_targets: torch.Tensor
     """(B, 5, G*G) int64 perception labels per image token, raster order (`word_probe.PROBE_FIELDS`)."""
+    slot_rows: torch.Tensor
+    """(N,) int64 row of each <REF_POS> token of the batch."""
+    slot_positions: torch.Tensor
+    """(N,) int64 position of each <REF_POS> token in its row."""
+    slot_labels: torch.Tensor
+    """(N, 2) int64 colour/shape label of each <REF_POS> token (`word_probe.SLOT_FIELDS`)."""
 
     def to(self, device) -> "TeacherBatch":
-        return TeacherBatch({k: v.to(device) for k, v in self.model_inputs.items()}, self.labels.to(device),
-                            self.patch_targets.to(device))
+        return TeacherBatch(*({k: v.to(device) for k, v in self.model_inputs.items()},
+                              *(t.to(device) for t in self[1:])))
 
 
 def teacher_batch(loaded, examples: Sequence[Example]) -> TeacherBatch:
@@ -222,8 +245,14 @@ def teacher_batch(loaded, examples: Sequence[Example]) -> TeacherBatch:
     supervised[torch.arange(len(examples)), (last + 1).clamp(max=is_response.shape[1] - 1)] = True
     ignore = torch.full_like(batch.model_inputs["input_ids"], -100)
     patches = torch.from_numpy(np.stack([e.patches for e in examples])).flatten(2)  # (B, 5, G, G) -> (B, 5, G*G)
+    # the prompt names <REF_POS> too ("output 4 <REF_POS> tokens"): only the response's count
+    is_ref = ref_token_mask(batch.model_inputs["input_ids"], batch.token_types,
+                            loaded.tokenizer.convert_tokens_to_ids(REF_TOKEN))  # (B, T)
+    rows, positions = is_ref.nonzero(as_tuple=True)  # (N,), (N,) row-major: slots in order
+    slot_index = is_ref.long().cumsum(1)[rows, positions] - 1  # (N,) k of each <REF_POS> in its row
+    slots = torch.from_numpy(np.stack([e.slots for e in examples]))  # (B, 2, K_MULTI)
     return TeacherBatch(batch.model_inputs, torch.where(supervised, batch.model_inputs["input_ids"], ignore),
-                        patches)
+                        patches, rows, positions, slots[rows, :, slot_index])  # (N, 2)
 
 
 class Losses(NamedTuple):
@@ -235,23 +264,30 @@ class Losses(NamedTuple):
     """Mean next-token cross-entropy over the supervised response positions."""
     patch: torch.Tensor
     """Mean cross-entropy of the word probe over image tokens and fields (`segcompass.word_probe`)."""
+    slot: torch.Tensor
+    """Mean cross-entropy of the concentration-token probe over <REF_POS> tokens and fields."""
 
 
-def teacher_losses(model: torch.nn.Module, probe: torch.nn.Module, batch: TeacherBatch,
-                   patch_weight: float) -> Losses:
-    """One forward pass: response cross-entropy, and the word probe's loss on the image tokens'
-    input embeddings (hidden_states[0], what the LLM receives from the vision tower)."""
-    out = model(**batch.model_inputs, output_hidden_states=patch_weight > 0)
+def teacher_losses(model: torch.nn.Module, probes: torch.nn.ModuleDict, batch: TeacherBatch,
+                   patch_weight: float, slot_weight: float) -> Losses:
+    """One forward pass: response cross-entropy; the word probe's loss on the image tokens'
+    input embeddings (hidden_states[0], what the LLM receives from the vision tower); the
+    slot probe's loss on the <REF_POS> tokens' last-layer states (what the head reads)."""
+    out = model(**batch.model_inputs, output_hidden_states=patch_weight > 0 or slot_weight > 0)
     # position t-1 predicts token t: (B, T-1, V) against (B, T-1)
     response = torch.nn.functional.cross_entropy(out.logits[:, :-1].flatten(0, 1),
                                                  batch.labels[:, 1:].flatten(), ignore_index=-100)
-    if patch_weight == 0:
-        return Losses(response, response, torch.zeros(()))
-    is_image = batch.model_inputs["input_ids"] == model.config.image_token_id  # (B, T)
-    n_batch, n_patches = batch.patch_targets.shape[0], batch.patch_targets.shape[2]
-    image_states = out.hidden_states[0][is_image].view(n_batch, n_patches, -1)  # (B*G², D) -> (B, G², D)
-    patch = probe.loss(image_states, model.get_input_embeddings().weight, batch.patch_targets)
-    return Losses(response + patch_weight * patch, response, patch)
+    words = model.get_input_embeddings().weight
+    patch = slot = torch.zeros((), device=response.device)
+    if patch_weight > 0:
+        is_image = batch.model_inputs["input_ids"] == model.config.image_token_id  # (B, T)
+        n_batch, n_patches = batch.patch_targets.shape[0], batch.patch_targets.shape[2]
+        image_states = out.hidden_states[0][is_image].view(n_batch, n_patches, -1)  # (B*G², D) -> (B, G², D)
+        patch = probes["patch"].loss(image_states, words, batch.patch_targets)
+    if slot_weight > 0 and len(batch.slot_rows):
+        states = out.hidden_states[-1][batch.slot_rows, batch.slot_positions]  # (N, D)
+        slot = probes["slot"].loss(states[None], words, batch.slot_labels.T[None])  # (1, N, D) vs (1, 2, N)
+    return Losses(response + patch_weight * patch + slot_weight * slot, response, patch, slot)
 
 
 def lr_factor(step: int, cfg: WarmstartConfig) -> float:
@@ -304,9 +340,10 @@ def train(cfg: WarmstartConfig, *, progress: bool = True, stop_after: int | None
     torch.manual_seed(cfg.seed)
     loaded = build_policy(cfg)
     model = loaded.model.to(device).train()
-    probe = build_word_probe(loaded.tokenizer, cfg.hidden_size, cfg.seed + 1).to(device)
-    # The probe trains with the policy; it is checkpointed (for exact resume) but never exported.
-    modules = torch.nn.ModuleDict({"policy": model, "probe": probe})
+    probes = torch.nn.ModuleDict({"patch": build_word_probe(loaded.tokenizer, cfg.hidden_size, cfg.seed + 1),
+                                  "slot": build_slot_probe(loaded.tokenizer, cfg.hidden_size, cfg.seed + 2)})
+    # The probes train with the policy; they are checkpointed (for exact resume) but never exported.
+    modules = torch.nn.ModuleDict({"policy": model, "probe": probes.to(device)})
     resuming = cfg.resume and checkpoint_exists(out / CHECKPOINT_DIR)
     vision = {} if resuming else _vision_stage(cfg, loaded, device, progress)
     if cfg.freeze_vision and cfg.vision_steps:
@@ -322,14 +359,15 @@ def train(cfg: WarmstartConfig, *, progress: bool = True, stop_after: int | None
     end = cfg.steps if stop_after is None else min(cfg.steps, stop_after)
     bar = tqdm(range(step, end), initial=step, total=cfg.steps, desc="warmstart", disable=not progress)
     for step in bar:
-        losses = teacher_losses(model, probe, teacher_batch(loaded, step_examples(cfg, step)).to(device),
-                                cfg.patch_loss_weight)
+        losses = teacher_losses(model, probes, teacher_batch(loaded, step_examples(cfg, step)).to(device),
+                                cfg.patch_loss_weight, cfg.slot_loss_weight)
         optimizer.zero_grad(set_to_none=True)
         losses.total.backward()
         torch.nn.utils.clip_grad_norm_(trainable, cfg.grad_clip)
         optimizer.step()
         scheduler.step()
         bar.set_postfix(loss=f"{losses.response.item():.3f}", patch=f"{losses.patch.item():.3f}",
+                        slot=f"{losses.slot.item():.3f}",
                         lr=f"{scheduler.get_last_lr()[0]:.1e}")
         if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == end:
             save_checkpoint(out / CHECKPOINT_DIR, cfg, modules, optimizer, scheduler, step + 1, vision)

@@ -214,3 +214,13 @@ def test_config_rejects_sweeps_without_the_acceptance_points():
         ra.AnalysesConfig(k_percents=(5, 20))
     with pytest.raises(UserError, match="include 5"):
         ra.AnalysesConfig(faith_ks=(0, 1, 2))
+
+
+def test_deletion_bar_needs_a_meaningful_drop_not_just_a_ratio():
+    from analyses.faithfulness import DropSummary
+    from analyses.run_all import passes_deletion_bar
+
+    assert not passes_deletion_bar(DropSummary(1.8e-4, -1.1e-5, float("inf"), 5))  # measured on a demo model
+    assert not passes_deletion_bar(DropSummary(0.05, 0.02, 2.5, 5))
+    assert passes_deletion_bar(DropSummary(0.30, 0.05, 6.0, 5))
+    assert passes_deletion_bar(DropSummary(0.30, -0.01, float("inf"), 5))

@@ -86,3 +86,31 @@ def test_quick_flag_changes_only_the_documented_fields():
     assert eff.lr == 1e-3 and all(getattr(eff, k) == v for k, v in QUICK_OVERRIDES.items())
     with pytest.raises(UserError):
         WarmstartConfig(image_size=60, patch_size=8)
+
+
+def test_intermediate_size_sets_the_llm_mlp_width():
+    cfg = dict(TINY, intermediate_size=24)
+    assert build_policy(WarmstartConfig(**cfg)).model.config.text_config.intermediate_size == 24
+    assert build_policy(WarmstartConfig(**TINY)).model.config.text_config.intermediate_size == 4 * 32
+    with pytest.raises(UserError, match="intermediate-size"):
+        WarmstartConfig(intermediate_size=-1)
+
+
+def test_slot_labels_name_the_answer_line_in_order(tmp_path):
+    """Each <REF_POS> of a teacher batch is labelled with the target its answer line names
+    in that position (left to right), 'none' (0) past the last target; captions add none."""
+    from segcompass.data.world_render import COLOURS, SHAPES
+    from segcompass.policy_eval import parse_answer
+
+    loaded = build_policy(WarmstartConfig(out=tmp_path, steps=1, **TINY))
+    samples = [s for s in generate("multi", 12, seed=0)][:6]
+    batch = teacher_batch(loaded, [reference_example(s, 4) for s in samples] + [caption_example(samples[0], 4)])
+    ref_id = loaded.tokenizer.convert_tokens_to_ids(REF_TOKEN)
+    assert (batch.model_inputs["input_ids"][batch.slot_rows, batch.slot_positions] == ref_id).all()
+    assert batch.slot_rows.tolist() == [row for row in range(len(samples)) for _ in range(k_for(True))]
+    for row, sample in enumerate(samples):
+        named = parse_answer(sample.cot)
+        expected = [(1 + list(COLOURS).index(c), 1 + SHAPES.index(s)) for c, s in named]
+        expected += [(0, 0)] * (k_for(True) - len(expected))
+        assert [tuple(l) for l in batch.slot_labels[batch.slot_rows == row].tolist()] == expected
+    assert any(len(parse_answer(s.cot)) >= 2 for s in samples) and any(not parse_answer(s.cot) for s in samples)
