@@ -93,6 +93,9 @@ class AnalysesConfig:
     """Concept naming: a name is confident when its F1 is at least this."""
     seed_random: int = 0
     """Seed of the random baselines (coverage ties, random atom rankings)."""
+    readout_n: int = 400
+    """Slot readout: world samples drawn from `train` (probe fit) and from `split` (held out);
+    only single-target ones are used."""
 
     def __post_init__(self) -> None:
         from segcompass.data.world import SPLITS
@@ -363,6 +366,21 @@ def acceptance(summaries: dict[str, dict]) -> dict[str, Any]:
             "codebook_atoms_named_fraction": nm["fraction"]}
 
 
+def slot_readout_analysis(model, *, split: str, n: int, seed: int) -> AnalysisOutput:
+    """Linear probes from the <REF_POS> states to the target (fit on `train`, scored on `split`)."""
+    from analyses import slot_readout as readout
+    from segcompass.data.world import generate
+
+    train = readout.slot_states(model.loaded, generate("train", n, seed + 1000))
+    test = readout.slot_states(model.loaded, generate(split, n, seed))
+    table = readout.slot_readout(train, test)
+    last = table.iloc[-1]
+    summary = {"n_train": len(train.labels), "n_test": len(test.labels), "chance": float(last["chance"]),
+               "last_layer_colour_accuracy": float(last["colour_accuracy"]),
+               "last_layer_shape_accuracy": float(last["shape_accuracy"])}
+    return AnalysisOutput(table, readout.plot_slot_readout(table), summary)
+
+
 MIN_MEANINGFUL_DROP = 0.01
 """Smallest mean IoU drop (1 point) that counts as "deleting the atoms changed the mask"."""
 
@@ -405,6 +423,7 @@ def run_analyses(checkpoint: str | Path, out_dir: str | Path, cfg: AnalysesConfi
         "concept_naming": lambda: concept_naming(c, min_count=cfg.naming_min_count, f1_threshold=cfg.naming_f1),
         "faithfulness": lambda: faithfulness(model, c, metric="mask", **faith_options),
         "faithfulness_heatmap": lambda: faithfulness(model, c, metric="heatmap", **faith_options),
+        "slot_readout": lambda: slot_readout_analysis(model, split=cfg.split, n=cfg.readout_n, seed=cfg.seed),
     }
     summaries, files = {}, {}
     for stem, step in steps.items():

@@ -49,8 +49,8 @@ class WarmstartConfig:
     """Output folder (checkpoint, HF model folder, eval.json)."""
     n_train: int = 0
     """Distinct `train` samples, cycled; 0 = steps × batch_size (every sample new)."""
-    steps: int = 1400
-    """Optimizer steps."""
+    steps: int = 500
+    """Optimizer steps of the LLM stage (~0.67 s each on 2 cores; stage 0 adds ~3.5 min)."""
     batch_size: int = 32
     """Samples per step."""
     caption_fraction: float = 0.25
@@ -83,7 +83,8 @@ class WarmstartConfig:
     n_heads: int = 4
     """Language model attention heads."""
     intermediate_size: int = 0
-    """Language model MLP width; 0 = 4 × hidden_size (Llama's ratio)."""
+    """Language model MLP width; 0 = 2 × hidden_size. Half Llama's 4× ratio: at hidden 128 it gave
+    the same val accuracy after 500 steps (46.9% vs 45.6% single-target) at ~30% less time per step."""
     vision_hidden_size: int = 64
     """Vision tower width."""
     vision_layers: int = 3
@@ -143,7 +144,7 @@ class WarmstartConfig:
         return self.n_train or self.steps * self.batch_size
 
 
-QUICK_OVERRIDES: dict = {"steps": 150, "vision_steps": 300, "eval_samples": 100, "checkpoint_every": 50}
+QUICK_OVERRIDES: dict = {"steps": 120, "vision_steps": 250, "eval_samples": 100, "checkpoint_every": 40}
 """What --quick changes (everything else as given)."""
 
 
@@ -163,7 +164,7 @@ def build_policy(cfg: WarmstartConfig):
     loaded = build_tiny_llava(
         policy_vocabulary(), extra_special_tokens=SPECIAL_TOKENS, image_size=cfg.image_size,
         patch_size=cfg.patch_size, hidden_size=cfg.hidden_size, n_layers=cfg.n_layers, n_heads=cfg.n_heads,
-        intermediate_size=cfg.intermediate_size or None,
+        intermediate_size=cfg.intermediate_size or 2 * cfg.hidden_size,
         vision_hidden_size=cfg.vision_hidden_size, vision_layers=cfg.vision_layers, seed=cfg.seed)
     if cfg.tie_embeddings:
         model = loaded.model

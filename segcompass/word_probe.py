@@ -110,9 +110,9 @@ def build_slot_probe(tokenizer, hidden_size: int, seed: int) -> WordProbe:
 
     Why: the slot mapper reads the concentration tokens' last-layer states e_k, but plain
     teacher forcing never asks them to hold anything (they only predict the next <REF_POS>
-    or the end). Measured on a warm start without this probe: the target's colour and shape
-    were linearly readable from e_k for only ~39% / ~37% of single-target `val` samples
-    (chance 17%), so the head had nothing to ground. The probe makes each concentration
+    or the end). Measured with a linear probe on single-target `val` samples: the target's
+    colour / shape were readable from e_k for ~57% / ~63% after a warm start without this
+    probe (chance 17%) and for 100% / 100% with it. The probe makes each concentration
     token carry the target it stands for, which is what the paper's joint training
     teaches a 7B policy.
     """

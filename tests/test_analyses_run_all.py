@@ -163,8 +163,8 @@ def test_slice_rows_matches_dense_rows(collected):
 
 
 def number(value) -> float:
-    """JSON null (how summary.json writes NaN) back to NaN."""
-    return float("nan") if value is None else value
+    """JSON null (how summary.json writes NaN and inf) back to NaN; other non-finite values too."""
+    return float("nan") if value is None or not np.isfinite(value) else value
 
 
 def test_run_all_writes_every_output(tiny_checkpoint, tmp_path):
@@ -181,7 +181,7 @@ def test_run_all_writes_every_output(tiny_checkpoint, tmp_path):
     out = tmp_path / "analyses"
     argv = ["analyze", "--checkpoint", str(run / "final"), "--out", str(out), "--n", "7", "--faith-items", "2",
             "--faith-min-iou", "0", "--faith-ks", "0", "1", "5", "--faith-draws", "1", "--naming-min-count", "2",
-            "--no-progress"]
+            "--readout-n", "24", "--no-progress"]
     assert main(argv) == 0  # `segcompass analyze` = run_all with these options
     summary = json.loads((out / ra.SUMMARY_FILE).read_text())
     assert summary["config"]["faith_ks"] == [0, 1, 5] and summary["n_samples"] == 7  # sample 6: no target
@@ -196,17 +196,20 @@ def test_run_all_writes_every_output(tiny_checkpoint, tmp_path):
     curve = pd.read_csv(out / "figure5_instance_coverage.csv")
     assert accept["coverage_ratio_top10"] == pytest.approx(float(curve[curve.k_percent == 10].ratio.iloc[0]))
     faith = pd.read_csv(out / "faithfulness.csv")
-    assert number(accept["deletion_drop_ratio"]) == pytest.approx(faith.drop_ratio.iloc[0], nan_ok=True)
+    assert number(accept["deletion_drop_ratio"]) == pytest.approx(number(faith.drop_ratio.iloc[0]), nan_ok=True)
     assert summary["analyses"]["faithfulness"]["n_items"] == 2
     assert summary["analyses"]["faithfulness_heatmap"]["metric"] == "heatmap"
     heat = pd.read_csv(out / summary["files"]["faithfulness_heatmap"]["curves_csv"])
     assert number(accept["heatmap_deletion_drop_ratio"]) == pytest.approx(
-        pd.read_csv(out / "faithfulness_heatmap.csv").drop_ratio.iloc[0], nan_ok=True)
+        number(pd.read_csv(out / "faithfulness_heatmap.csv").drop_ratio.iloc[0]), nan_ok=True)
     assert set(heat.curve) == {"deletion", "insertion", "random_deletion", "random_insertion"}
     table = pd.read_csv(out / ra.NAMES_FILE)
     labels = json.loads((out / ra.ATOM_NAMES_FILE).read_text())
     assert {int(a) for a in labels} == set(table.atom[table.confident]) == set(load_atom_labels(out / ra.NAMES_FILE))
     assert accept["codebook_atoms_named_fraction"] == pytest.approx(summary["analyses"]["concept_naming"]["fraction"])
+    readout = pd.read_csv(out / "slot_readout.csv")
+    assert len(readout) == 3 and "png" in summary["files"]["slot_readout"]  # tiny policy: embeddings + 2 blocks
+    assert summary["analyses"]["slot_readout"]["last_layer_colour_accuracy"] == pytest.approx(readout.colour_accuracy.iloc[-1])
 
 
 def test_config_rejects_sweeps_without_the_acceptance_points():

@@ -91,7 +91,7 @@ def test_quick_flag_changes_only_the_documented_fields():
 def test_intermediate_size_sets_the_llm_mlp_width():
     cfg = dict(TINY, intermediate_size=24)
     assert build_policy(WarmstartConfig(**cfg)).model.config.text_config.intermediate_size == 24
-    assert build_policy(WarmstartConfig(**TINY)).model.config.text_config.intermediate_size == 4 * 32
+    assert build_policy(WarmstartConfig(**TINY)).model.config.text_config.intermediate_size == 2 * 32
     with pytest.raises(UserError, match="intermediate-size"):
         WarmstartConfig(intermediate_size=-1)
 

@@ -1,0 +1,40 @@
+"""The main job's `--quick` variant end to end (issue 6: exercised in CI): world -> warm start
+-> world SAM -> activation cache -> SAE -> SegCompass training -> evaluation -> analyses ->
+reports -> index.html, every link of which resolves. Numbers are a smoke test only."""
+
+import html.parser
+import json
+from pathlib import Path
+
+import pytest
+
+from segcompass.demo import EVAL_SPLITS, DemoConfig, run_demo
+
+
+class _Links(html.parser.HTMLParser):
+    def __init__(self):
+        super().__init__()
+        self.hrefs = []
+
+    def handle_starttag(self, tag, attrs):
+        self.hrefs += [value for name, value in attrs if tag == "a" and name == "href"]
+
+
+@pytest.mark.slow
+def test_quick_demo_runs_end_to_end_and_links_every_result(tmp_path, capsys):
+    index = run_demo(DemoConfig(out=tmp_path / "demo", quick=True))
+    assert index == tmp_path / "demo" / "index.html"
+    parser = _Links()
+    parser.feed(index.read_text())
+    assert any(h.endswith("report.html") for h in parser.hrefs) and any(h.endswith(".png") for h in parser.hrefs)
+    for href in parser.hrefs:
+        assert (index.parent / href).is_file(), href
+    metrics = json.loads((index.parent / "eval" / "metrics.json").read_text())["splits"]
+    assert set(metrics) == set(EVAL_SPLITS)
+    assert all(0 <= m["giou"] <= 1 for m in metrics.values())
+    printed = capsys.readouterr().out
+    assert "results table:" in printed and f"index page: {index.resolve()}" in printed
+    # a second call finds every stage done and redoes nothing
+    before = {p: p.stat().st_mtime_ns for p in Path(index.parent).rglob("*.safetensors")}
+    run_demo(DemoConfig(out=tmp_path / "demo", quick=True))
+    assert {p: p.stat().st_mtime_ns for p in before} == before
