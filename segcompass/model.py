@@ -105,7 +105,7 @@ class SegCompass(nn.Module):
 
 def freeze_policy_up_to(policy: nn.Module, layer: int) -> None:
     """Freeze everything the layer-L states depend on: vision tower, projector, embeddings,
-    blocks 1..L. Blocks above L, the final norm and the LM head stay trainable."""
+    blocks 1..L. Blocks above L, the final norm and an untied LM head stay trainable."""
     from saekit.capture import decoder_layers
 
     blocks = decoder_layers(policy)
@@ -115,7 +115,11 @@ def freeze_policy_up_to(policy: nn.Module, layer: int) -> None:
     from segcompass.policy import final_norm
 
     final_norm(policy).requires_grad_(True)
-    policy.get_output_embeddings().requires_grad_(True)
+    head, embeddings = policy.get_output_embeddings().weight, policy.get_input_embeddings().weight
+    # With tied embeddings (the world policy) the LM head IS the input embedding matrix:
+    # training it would move the layer-L states the frozen SAE reads, so it stays frozen.
+    if head.data_ptr() != embeddings.data_ptr():
+        policy.get_output_embeddings().requires_grad_(True)
 
 
 def build_segcompass(config: SegCompassConfig, *, policy_path: str | Path, sae_path: str | Path,

@@ -43,7 +43,9 @@ def test_missing_or_incomplete_directory_is_a_one_line_user_error(tmp_path):
         load_sam("sam-vit-h", model_path=tmp_path / "bin-only")
     with pytest.raises(UserError, match="--sam-path"):  # not in the (offline, empty) HF cache
         load_sam("sam-vit-l")
-    with pytest.raises(UserError, match="no pretrained weights"):
+    with pytest.raises(UserError, match="no published weights"):  # world presets: no hub id
+        load_sam("sam-tiny-16")
+    with pytest.raises(UserError, match="sam-pretrain"):  # a folder that is not a sam-pretrain output
         load_sam("sam-tiny-16", model_path=tmp_path)
     with pytest.raises(UserError, match="unknown SAM preset"):
         load_sam("sam-vit-x", model_path=tmp_path)

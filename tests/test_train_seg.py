@@ -78,3 +78,18 @@ def test_changed_config_refuses_to_resume(pieces, tmp_path):
     train(_cfg(pieces, tmp_path), progress=False, stop_after=2)
     with pytest.raises(UserError, match="different settings"):
         train(dataclasses.replace(_cfg(pieces, tmp_path), lr=1e-3), progress=False)
+
+
+def test_freezing_keeps_tied_embeddings_frozen():
+    """The world policy ties its LM head to the input embeddings: training the head would
+    move the layer-L states the frozen SAE reads (a GRPO run showed embed_tokens drifting)."""
+    from segcompass.model import freeze_policy_up_to
+
+    policy = build_policy(WarmstartConfig(hidden_size=32, n_layers=3, n_heads=2, vision_hidden_size=32,
+                                          vision_layers=2, image_size=32, patch_size=8)).model
+    assert policy.lm_head.weight is policy.get_input_embeddings().weight
+    freeze_policy_up_to(policy, 2)
+    assert not policy.get_input_embeddings().weight.requires_grad
+    blocks = policy.model.language_model.layers
+    assert not any(p.requires_grad for p in blocks[1].parameters())
+    assert all(p.requires_grad for p in blocks[2].parameters())
