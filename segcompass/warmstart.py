@@ -144,7 +144,7 @@ class WarmstartConfig:
         return self.n_train or self.steps * self.batch_size
 
 
-QUICK_OVERRIDES: dict = {"steps": 120, "vision_steps": 250, "eval_samples": 100, "checkpoint_every": 40}
+QUICK_OVERRIDES: dict = {"steps": 70, "vision_steps": 150, "eval_samples": 100, "checkpoint_every": 35}
 """What --quick changes (everything else as given)."""
 
 
