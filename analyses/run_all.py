@@ -371,7 +371,7 @@ def slot_readout_analysis(model, *, split: str, n: int, seed: int) -> AnalysisOu
     from analyses import slot_readout as readout
     from segcompass.data.world import generate
 
-    train = readout.slot_states(model.loaded, generate("train", n, seed + 1000))
+    train = readout.slot_states(model.loaded, generate("train", n, seed))
     test = readout.slot_states(model.loaded, generate(split, n, seed))
     table = readout.slot_readout(train, test)
     last = table.iloc[-1]

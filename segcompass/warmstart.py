@@ -30,7 +30,7 @@ import torch
 
 from saekit.atomic import load_optimizer_state, optimizer_state_tensors
 from saekit.errors import UserError
-from segcompass.template import REF_TOKEN, ref_token_mask
+from segcompass.template import K_MULTI, REF_TOKEN, ref_token_mask
 from segcompass.word_probe import build_slot_probe, build_word_probe, patch_targets, slot_targets
 
 CHAT_WORDS: tuple[str, ...] = ("user", "assistant")
@@ -188,7 +188,7 @@ class Example(NamedTuple):
 
 def reference_example(sample, grid: int) -> Example:
     """The policy task: the template prompt and '<think> {CoT} </think> <REF_POS>×K'."""
-    from segcompass.template import K_MULTI, build_prompt, format_response, k_for
+    from segcompass.template import build_prompt, format_response, k_for
 
     return Example(sample.image, build_prompt(sample.instruction, multi=sample.multi_prompt),
                    format_response(sample.cot, k_for(sample.multi_prompt)), patch_targets(sample, grid),
@@ -202,7 +202,6 @@ def caption_example(sample, grid: int) -> Example:
     a referring CoT grounds one to three; it shares no prompt with the policy task.
     """
     from segcompass.data.world_language import describe_scene
-    from segcompass.template import K_MULTI
 
     # A caption has no <REF_POS>, so its slot labels are never read.
     return Example(sample.image, CAPTION_PROMPT, describe_scene(sample.objects), patch_targets(sample, grid),
@@ -465,7 +464,9 @@ def load_checkpoint(directory: Path, cfg: WarmstartConfig, model, optimizer, sch
         directory = directory.with_name(directory.name + ".old")  # interrupted between the two renames
     state = json.loads((directory / STATE_FILE).read_text())
     mine = _config_record(cfg)
-    changed = [k for k, v in state["config"].items() if k not in _RESUME_IRRELEVANT and mine.get(k) != v]
+    # a setting absent from the checkpoint (written before it existed) counts as changed too
+    changed = [k for k in sorted({*state["config"], *mine})
+               if k not in _RESUME_IRRELEVANT and state["config"].get(k, "<absent>") != mine.get(k, "<absent>")]
     if changed:
         raise UserError(f"warmstart: {directory} was written with different settings ({', '.join(changed)}); "
                         f"use another --out or --no-resume")

@@ -96,11 +96,11 @@ def slot_targets(sample, num_slots: int) -> np.ndarray:
     `world_language.answer_line` writes them): 1 + colour index, 1 + shape index; 0 for a
     slot without a target (no-target samples, unused multi slots).
     """
+    from segcompass.data.world_language import left_to_right
     from segcompass.data.world_render import COLOURS, SHAPES
 
     labels = np.zeros((len(SLOT_FIELDS), num_slots), dtype=np.int64)
-    ordered = sorted((sample.objects[i] for i in sample.targets), key=lambda o: (o.centre[0], o.centre[1]))
-    for k, obj in enumerate(ordered[:num_slots]):
+    for k, obj in enumerate(left_to_right([sample.objects[i] for i in sample.targets])[:num_slots]):
         labels[:, k] = (1 + list(COLOURS).index(obj.colour), 1 + SHAPES.index(obj.shape))
     return labels
 

@@ -76,6 +76,12 @@ def test_resume_continues_identically(tmp_path):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     with pytest.raises(UserError, match="lr"):
         train(WarmstartConfig(out=tmp_path / "resumed", lr=1e-4, **common), progress=False)
+    state_file = tmp_path / "resumed" / CHECKPOINT_DIR / "state.json"
+    state = json.loads(state_file.read_text())
+    del state["config"]["slot_loss_weight"]  # as written before that setting existed
+    state_file.write_text(json.dumps(state))
+    with pytest.raises(UserError, match="slot_loss_weight"):
+        train(WarmstartConfig(out=tmp_path / "resumed", **common), progress=False)
 
 
 def test_quick_flag_changes_only_the_documented_fields():

@@ -80,13 +80,14 @@ class Template(NamedTuple):
 
 # ----------------------------------------------------------------------------- text pieces
 
-def _by_x(objects: Sequence[WorldObject]) -> list[WorldObject]:
+def left_to_right(objects: Sequence[WorldObject]) -> list[WorldObject]:
+    """Objects ordered by centre x (then y): the order of every listing and answer line."""
     return sorted(objects, key=lambda o: (o.centre[0], o.centre[1]))
 
 
 def _listing(objects: Sequence[WorldObject], *, sizes: bool = False) -> str:
     """'the red square' / 'the small red square , the blue circle and the ...' (left to right)."""
-    names = [f"the {o.size} {o.name}" if sizes else f"the {o.name}" for o in _by_x(objects)]
+    names = [f"the {o.size} {o.name}" if sizes else f"the {o.name}" for o in left_to_right(objects)]
     return names[0] if len(names) == 1 else " , ".join(names[:-1]) + " and " + names[-1]
 
 
@@ -96,7 +97,7 @@ def answer_line(targets: Sequence[WorldObject]) -> str:
         return "target : none ."
     if len(targets) == 1:
         return f"target : {targets[0].name} ."
-    return "targets : " + " , ".join(o.name for o in _by_x(targets)) + " ."
+    return "targets : " + " , ".join(o.name for o in left_to_right(targets)) + " ."
 
 
 def _asks(instruction: str) -> str:
@@ -115,7 +116,7 @@ def _pick(options: list, rng: np.random.Generator):
 def describe_scene(objects: Sequence[WorldObject]) -> str:
     """A caption naming every object with its size and position, left to right
     ('the objects are the small red square at top left , … .')."""
-    parts = [f"the {o.size} {o.name} at {o.position}" for o in _by_x(objects)]
+    parts = [f"the {o.size} {o.name} at {o.position}" for o in left_to_right(objects)]
     listing = parts[0] if len(parts) == 1 else " , ".join(parts[:-1]) + " and " + parts[-1]
     return f"the objects are {listing} ."
 
