@@ -193,7 +193,9 @@ def _index(out: Path, cfg: DemoConfig, scores: dict, reports: list[Path], timing
     links = "".join(f'<li><a href="{html.escape(str(r.relative_to(out)))}">{html.escape(r.parent.name)}</a></li>'
                     for r in reports)
     files = (analyses or {}).get("files", {})
-    figures = "".join(f'<li><a href="analyses/{html.escape(f["png"])}">{html.escape(stem)}</a></li>'
+    # thumbnails, so the page itself shows every figure; each links to the full-size PNG
+    figures = "".join(f'<figure><a href="analyses/{html.escape(f["png"])}"><img src="analyses/{html.escape(f["png"])}"'
+                      f' width="360" alt="{html.escape(stem)}"></a><figcaption>{html.escape(stem)}</figcaption></figure>'
                       for stem, f in files.items() if "png" in f)
     accept = json.dumps((analyses or {}).get("acceptance", {}), indent=1)
     table = (out / "eval" / "metrics.md").read_text() if (out / "eval" / "metrics.md").is_file() else ""
@@ -201,8 +203,21 @@ def _index(out: Path, cfg: DemoConfig, scores: dict, reports: list[Path], timing
             f"<h1>segcompass demo{' (quick)' if cfg.quick else ''}</h1>"
             f"<h2>Evaluation</h2><pre>{html.escape(table)}</pre>"
             f"<h2>Prediction reports</h2><ul>{links}</ul>"
-            f"<h2>Analyses</h2><ul>{figures}</ul><pre>{html.escape(accept)}</pre>"
+            f"<h2>Warm-started policy (greedy, val)</h2><pre>{html.escape(_policy_summary(out))}</pre>"
+            f"<h2>Analyses</h2><div style='display:flex;flex-wrap:wrap;gap:8px'>{figures}</div>"
+            f"<pre>{html.escape(accept)}</pre>"
             f"<h2>Timings (s)</h2><pre>{html.escape(json.dumps({k: round(v, 1) for k, v in timings.items()}, indent=1))}</pre>")
     path = out / "index.html"
     path.write_text(page)
     return path
+
+
+def _policy_summary(out: Path) -> str:
+    """Format-valid and target-correct rates of the warm start, overall and per family."""
+    path = out / "warmstart" / "eval.json"
+    if not path.is_file():
+        return "(no warm-start evaluation)"
+    groups = json.loads(path.read_text()).get("groups", {})
+    rows = [f"{name:<20} n={g['n']:<4} format-valid {100 * g['format_valid']:5.1f}%  "
+            f"target-correct {100 * g['target_correct']:5.1f}%" for name, g in groups.items()]
+    return "\n".join(rows)

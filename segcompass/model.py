@@ -89,17 +89,26 @@ class SegCompass(nn.Module):
         pixels = preprocess_images(images, self.sam_input_size).pixel_values
         return self.backbone(pixels.to(next(self.head.parameters()).device))
 
-    def forward(self, batch: ModelBatch, image_embeddings: Tensor) -> SegCompassOutput:
+    def forward(self, batch: ModelBatch, image_embeddings: Tensor,
+                keep_slot_embeddings: Tensor | None = None) -> SegCompassOutput:
         """One policy pass over prompt + response, SAE codes, head -> SegCompassOutput."""
-        return self.heads(policy_forward(self.policy, batch, self.config.sae_layer), batch, image_embeddings)
+        return self.heads(policy_forward(self.policy, batch, self.config.sae_layer), batch, image_embeddings,
+                          keep_slot_embeddings)
 
-    def heads(self, forward: PolicyForward, batch: ModelBatch, image_embeddings: Tensor) -> SegCompassOutput:
-        """Everything after the policy pass: slots, SAE codes, head (GRPO reuses TRL's pass)."""
+    def heads(self, forward: PolicyForward, batch: ModelBatch, image_embeddings: Tensor,
+              keep_slot_embeddings: Tensor | None = None) -> SegCompassOutput:
+        """Everything after the policy pass: slots, SAE codes, head (GRPO reuses TRL's pass).
+
+        keep_slot_embeddings: optional (B,) bool; a False sample's e_k are zeroed, so its slots
+        see only the SAE concept pathway r_k (training-time dropout, `TrainConfig.slot_embedding_dropout`).
+        """
         slots = slot_inputs(forward, batch, self.ref_token_id, self.head.num_slots)
         codes = encode_sparse(self.sae, slots.sae_tokens.detach().to(self.sae.W_enc.dtype),
                               threshold=self.head_cfg.threshold)  # the SAE is frozen: no gradient
-        head = self.head(codes, slots.token_sample_index, slots.slot_embeddings.float(),
-                         image_embeddings)
+        slot_embeddings = slots.slot_embeddings.float()  # (B, K_s, d_llm)
+        if keep_slot_embeddings is not None:
+            slot_embeddings = slot_embeddings * keep_slot_embeddings.to(slot_embeddings)[:, None, None]
+        head = self.head(codes, slots.token_sample_index, slot_embeddings, image_embeddings)
         return SegCompassOutput(head, forward, slots, codes)
 
 

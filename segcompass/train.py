@@ -86,6 +86,11 @@ class TrainConfig:
     """lambda_D."""
     heatmap_dice_weight: float = 0.0
     """Extra Dice on the heatmaps (paper: 0); see SegLossConfig. The world needs it (~1)."""
+    slot_embedding_dropout: float = 0.0
+    """Probability, per training sample and step, that its concentration-token states e_k are
+    zeroed before the slot mapper, so that sample must be grounded from the SAE concept pathway
+    r_k alone (not in the paper). With e_k carrying the target, the mapper otherwise learns to
+    ignore r_k and the atoms the provenance names have no causal effect on the mask. 0 = off."""
     seed: int = 0
     """Seeds the head's initialisation, the data order and torch's RNG."""
     log_every: int = 10
@@ -127,6 +132,8 @@ class TrainConfig:
         for name in ("steps", "batch_size", "log_every", "checkpoint_every"):
             if getattr(self, name) < 1:
                 raise UserError(f"train: --{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+        if not 0 <= self.slot_embedding_dropout < 1:
+            raise UserError(f"train: --slot-embedding-dropout must lie in [0, 1), got {self.slot_embedding_dropout}")
         if self.lr <= 0 or not 0 < self.pct_start < 1:
             raise UserError(f"train: need --lr > 0 and 0 < --pct-start < 1 (got {self.lr}, {self.pct_start})")
         if self.mode != "seg":
@@ -177,10 +184,21 @@ class StepResult(NamedTuple):
     """The frozen SAE's reconstruction MSE on the batch's SAE tokens (Figure 8's x axis)."""
 
 
-def seg_step(model: SegCompass, batch: SegBatch, loss_cfg: SegLossConfig) -> StepResult:
+def slot_embedding_keep(cfg: TrainConfig, step: int, batch_size: int) -> torch.Tensor | None:
+    """(B,) bool: which samples of step `step` keep their e_k; None when the dropout is off.
+    Keyed by (seed, step) with its own generator, so it neither reads nor moves torch's RNG."""
+    if cfg.slot_embedding_dropout == 0:
+        return None
+    generator = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
+    return torch.rand(batch_size, generator=generator) >= cfg.slot_embedding_dropout
+
+
+def seg_step(model: SegCompass, batch: SegBatch, loss_cfg: SegLossConfig,
+             keep_slot_embeddings: torch.Tensor | None = None) -> StepResult:
     """Forward one batch and compute the segmentation loss (no backward)."""
     embeddings = model.image_embeddings(batch.images)
-    out = model(batch.model_batch, embeddings)
+    keep = None if keep_slot_embeddings is None else keep_slot_embeddings.to(embeddings.device)
+    out = model(batch.model_batch, embeddings, keep)
     loss = segmentation_loss(out.head.heatmap_logits, out.head.mask_logits, out.head.confidence_logits,
                              batch.frame_targets, loss_cfg, active_slots=batch.active_slots)
     scores = [float(s) for m in loss.matches for s in m.score]
@@ -221,7 +239,7 @@ def train(cfg: TrainConfig, *, progress: bool = True, stop_after: int | None = N
     for step in bar:
         batch = seg_batch(model, "train", cfg.batch_size, seed=cfg.seed, start=step * cfg.batch_size)
         t0 = time.perf_counter()
-        result = seg_step(model, batch, loss_cfg)
+        result = seg_step(model, batch, loss_cfg, slot_embedding_keep(cfg, step, cfg.batch_size))
         optimizer.zero_grad(set_to_none=True)
         result.loss.total.backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(

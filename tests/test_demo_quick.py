@@ -1,12 +1,16 @@
 """The main job's `--quick` variant end to end (issue 6: exercised in CI): world -> warm start
 -> world SAM -> activation cache -> SAE -> SegCompass training -> evaluation -> analyses ->
-reports -> index.html, every link of which resolves. Numbers are a smoke test only."""
+reports -> index.html, every link and image of which resolves and which renders in
+headless Chromium. Numbers are a smoke test only."""
 
 import html.parser
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
+from browser import screenshot
+from PIL import Image
 
 from segcompass.demo import EVAL_SPLITS, DemoConfig, run_demo
 
@@ -17,7 +21,7 @@ class _Links(html.parser.HTMLParser):
         self.hrefs = []
 
     def handle_starttag(self, tag, attrs):
-        self.hrefs += [value for name, value in attrs if tag == "a" and name == "href"]
+        self.hrefs += [value for name, value in attrs if (tag, name) in (("a", "href"), ("img", "src"))]
 
 
 @pytest.mark.slow
@@ -32,6 +36,11 @@ def test_quick_demo_runs_end_to_end_and_links_every_result(tmp_path, capsys):
     metrics = json.loads((index.parent / "eval" / "metrics.json").read_text())["splits"]
     assert set(metrics) == set(EVAL_SPLITS)
     assert all(0 <= m["giou"] <= 1 for m in metrics.values())
+    # the index page renders in headless Chromium, figures included
+    shot = tmp_path / "index.png"
+    screenshot(index, shot, tmp_path / "profile")
+    pixels = np.asarray(Image.open(shot).convert("RGB"))
+    assert pixels.std() > 15 and len(np.unique(pixels.reshape(-1, 3), axis=0)) > 200, "index page did not render"
     printed = capsys.readouterr().out
     assert "results table:" in printed and f"index page: {index.resolve()}" in printed
     # a second call finds every stage done and redoes nothing

@@ -2,23 +2,19 @@
 piece of user/model text, self-containment, and a headless-Chromium screenshot that is not blank."""
 
 import json
-import os
 import re
-import shutil
-import subprocess
 from html.parser import HTMLParser
-from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
+from browser import screenshot
 from segcompass_tiny import tiny_checkpoint, tiny_model  # noqa: F401 (pytest fixtures)
 
 from segcompass.predictor import AtomTrace, Prediction, PredictorConfig, ResponseToken, SlotTrace, TextFiring
 from segcompass.report import atom_map, cot_html, predict_report, report_html, token_strength, write_report
 from segcompass.template import parse_response
 
-CHROMIUM = "/usr/bin/chromium"
 HOSTILE = 'the red <script>alert("x")</script> & "square" <b>'
 HOSTILE_NAME = "<img src=x onerror=alert(1)> & red"
 
@@ -96,30 +92,6 @@ def html_escaped(text: str) -> str:
     import html
 
     return html.escape(text, quote=True)
-
-
-def ensure_chromium() -> str:
-    """Path of Debian's chromium, installed with apt-get when missing (root only), else skip."""
-    if Path(CHROMIUM).is_file():
-        return CHROMIUM
-    if not hasattr(os, "geteuid") or os.geteuid() != 0 or shutil.which("apt-get") is None:
-        pytest.skip("chromium is not installed and cannot be (needs root and apt-get): apt-get install chromium")
-    env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
-    for command in (["apt-get", "install", "-y", "chromium"], ["apt-get", "update"],
-                    ["apt-get", "install", "-y", "chromium"]):
-        subprocess.run(command, env=env, capture_output=True, timeout=900)
-        if Path(CHROMIUM).is_file():
-            return CHROMIUM
-    pytest.skip("apt-get could not install chromium (no package index or no network)")
-
-
-def screenshot(html_path: Path, png_path: Path, profile: Path) -> None:
-    command = [ensure_chromium(), "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-               "--disable-background-networking", "--disable-component-update", "--disable-sync",
-               f"--user-data-dir={profile}", f"--screenshot={png_path}", "--window-size=1200,1600",
-               html_path.resolve().as_uri()]
-    result = subprocess.run(command, capture_output=True, text=True, timeout=120)
-    assert result.returncode == 0 and png_path.is_file(), result.stderr[-2000:]
 
 
 def test_report_from_tiny_checkpoint_renders_in_chromium(tiny_model, tmp_path):  # noqa: F811

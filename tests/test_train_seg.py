@@ -93,3 +93,34 @@ def test_freezing_keeps_tied_embeddings_frozen():
     blocks = policy.model.language_model.layers
     assert not any(p.requires_grad for p in blocks[1].parameters())
     assert all(p.requires_grad for p in blocks[2].parameters())
+
+
+def test_slot_embedding_dropout_zeroes_only_the_dropped_samples(pieces):
+    """A dropped sample's slots see r_k alone: its head output equals the head run on zero e_k;
+    a kept sample's output is the plain forward's. The keep mask is keyed by (seed, step)."""
+    from segcompass.batching import seg_batch
+    from segcompass.model import build_segcompass
+    from segcompass.train import slot_embedding_keep
+
+    cfg = dataclasses.replace(_cfg(pieces, pieces / "unused"), slot_embedding_dropout=0.5)
+    keeps = torch.stack([slot_embedding_keep(cfg, step, 64) for step in range(20)])
+    assert 0.4 < keeps.float().mean() < 0.6
+    assert torch.equal(keeps[3], slot_embedding_keep(cfg, 3, 64)) and not torch.equal(keeps[3], keeps[4])
+    assert slot_embedding_keep(dataclasses.replace(cfg, slot_embedding_dropout=0.0), 3, 64) is None
+    rng_before = torch.get_rng_state()
+    slot_embedding_keep(cfg, 5, 8)
+    assert torch.equal(torch.get_rng_state(), rng_before)  # resume stays exact
+
+    torch.manual_seed(0)
+    model = build_segcompass(cfg.model_config(), policy_path=cfg.policy, sae_path=cfg.sae).eval()
+    batch = seg_batch(model, "train", 2, seed=0, start=0)
+    with torch.no_grad():
+        embeddings = model.image_embeddings(batch.images)
+        plain = model(batch.model_batch, embeddings)
+        dropped = model(batch.model_batch, embeddings, torch.tensor([True, False]))
+        zero_e = model.head(plain.codes, plain.slots.token_sample_index,
+                            torch.zeros_like(plain.slots.slot_embeddings.float()), embeddings)
+    torch.testing.assert_close(dropped.head.heatmap_logits[0], plain.head.heatmap_logits[0])
+    torch.testing.assert_close(dropped.head.heatmap_logits[1], zero_e.heatmap_logits[1])
+    torch.testing.assert_close(dropped.head.confidence_logits[1], zero_e.confidence_logits[1])
+    assert not torch.allclose(dropped.head.heatmap_logits[1], plain.head.heatmap_logits[1])
