@@ -59,6 +59,8 @@ class AblateConfig:
     """Sequences per step: seg samples, or GRPO prompts x group size."""
     group_size: int = 8
     """G of the GRPO runs (the group-size study varies it)."""
+    policy_lr_mult: float = 1.0
+    """`TrainConfig.policy_lr_mult` of every run (the policy's learning rate over the base 2e-5)."""
     eval_n: int = 100
     """World samples per evaluation split."""
     eval_splits: tuple[str, ...] = ("testA", "testB", "multi", "reason")
@@ -116,7 +118,8 @@ def train_config(cfg: AblateConfig, run: Run):
     return TrainConfig(policy=cfg.policy, sae=cfg.sae, out=Path(cfg.out) / cfg.study / _folder(run.name),
                        sae_layer=cfg.sae_layer, steps=cfg.steps, seed=cfg.seed, threads=cfg.threads,
                        device=cfg.device, checkpoint_every=max(1, cfg.steps // 4),
-                       log_every=max(1, cfg.steps // 50), **{"sam_path": cfg.sam_path, **run.settings})
+                       log_every=max(1, cfg.steps // 50), policy_lr_mult=cfg.policy_lr_mult,
+                       **{"sam_path": cfg.sam_path, **run.settings})
 
 
 def _folder(name: str) -> str:
@@ -164,7 +167,8 @@ def run_one(cfg: AblateConfig, run: Run, *, progress: bool = True) -> dict[str, 
     row = {"study": cfg.study, "run": run.name, "mode": train_cfg.mode,
            "group_size": train_cfg.group_size if train_cfg.mode != "seg" else None,
            "format_weight": train_cfg.format_reward_weight, "mask_weight": train_cfg.mask_reward_weight,
-           "sam_preset": train_cfg.sam_preset, "steps": train_cfg.steps, "sequences_per_step": sequences_per_step,
+           "sam_preset": train_cfg.sam_preset, "policy_lr": train_cfg.lr * train_cfg.policy_lr_mult,
+           "steps": train_cfg.steps, "sequences_per_step": sequences_per_step,
            "rollouts": train_cfg.steps * sequences_per_step if train_cfg.mode != "seg" else 0,
            "rollouts_to_convergence": (rollouts_to_convergence(_losses(Path(train_cfg.out) / "metrics.jsonl"),
                                                                sequences_per_step)

@@ -64,6 +64,9 @@ class TrainConfig:
     """World samples per step."""
     lr: float = 2e-5
     """Base learning rate of the policy's trainable blocks (paper: 2e-6 for a 7B MLLM)."""
+    policy_lr_mult: float = 1.0
+    """Multiplier for the policy's trainable blocks (paper: 1). The world policy was warm-started
+    at a peak of 2e-3, so at 2e-5 GRPO barely moves it in a CPU-sized run; the ablation raises it."""
     codebook_lr_mult: float = 25.0
     """Multiplier for the query codebook and concept aggregator (paper: 25)."""
     slot_mapper_lr_mult: float = 80.0
@@ -132,6 +135,8 @@ class TrainConfig:
         for name in ("steps", "batch_size", "log_every", "checkpoint_every"):
             if getattr(self, name) < 1:
                 raise UserError(f"train: --{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+        if self.policy_lr_mult <= 0:
+            raise UserError(f"train: --policy-lr-mult must be > 0, got {self.policy_lr_mult}")
         if not 0 <= self.slot_embedding_dropout < 1:
             raise UserError(f"train: --slot-embedding-dropout must lie in [0, 1), got {self.slot_embedding_dropout}")
         if self.lr <= 0 or not 0 < self.pct_start < 1:
@@ -155,7 +160,7 @@ def param_groups(model: SegCompass, cfg: TrainConfig) -> list[dict]:
     """AdamW groups with the per-module multipliers; frozen parameters are left out."""
     head, sam = model.head, model.sam
     groups = {
-        "policy": (model.policy.parameters(), 1.0),
+        "policy": (model.policy.parameters(), cfg.policy_lr_mult),
         "codebook": ([*head.codebook.parameters(), *head.aggregator.parameters()], cfg.codebook_lr_mult),
         "slot_mapper": (head.slot_mapper.parameters(), cfg.slot_mapper_lr_mult),
         "decoder": ([*sam.prompt_encoder.parameters(), *sam.mask_decoder.parameters(),

@@ -49,6 +49,9 @@ def test_freezing_and_lr_groups(pieces, tmp_path):
     assert groups["slot_mapper"]["lr"] == pytest.approx(cfg.lr * 80)
     assert groups["codebook"]["lr"] == pytest.approx(cfg.lr * 25)
     assert groups["decoder"]["lr"] == pytest.approx(cfg.lr * 10)
+    assert groups["policy"]["lr"] == pytest.approx(cfg.lr)
+    raised = {g["name"]: g for g in param_groups(model, dataclasses.replace(cfg, policy_lr_mult=10.0))}
+    assert raised["policy"]["lr"] == pytest.approx(cfg.lr * 10) and raised["decoder"]["lr"] == groups["decoder"]["lr"]
     ids = [id(p) for g in groups.values() for p in g["params"]]
     assert len(ids) == len(set(ids))  # no parameter in two groups
     trainable = {id(p) for p in model.parameters() if p.requires_grad}
