@@ -95,6 +95,9 @@ class WarmstartConfig:
     the vision tower alone before the LLM stage; 0 = skip (the tower then learns from the LLM loss)."""
     vision_lr: float = 2e-3
     """Peak learning rate of stage 0 (AdamW, one-cycle)."""
+    vision_position_weight: float = 1.0
+    """Weight of stage 0's patch row/column loss (`vision_pretrain.POSITION_FIELDS`): keeps where
+    a patch lies readable from its features, which spatial references need. 0 = content only."""
     freeze_vision: bool = True
     """Freeze the vision tower after stage 0 (the LLM stage trains projector and LLM only)."""
     tie_embeddings: bool = True
@@ -116,8 +119,8 @@ class WarmstartConfig:
     """'auto' (cuda when available), 'cpu', 'cuda', ..."""
 
     def __post_init__(self) -> None:
-        if self.vision_steps < 0 or self.vision_lr <= 0:
-            raise UserError("warmstart: --vision-steps must be >= 0 and --vision-lr > 0")
+        if self.vision_steps < 0 or self.vision_lr <= 0 or self.vision_position_weight < 0:
+            raise UserError("warmstart: --vision-steps and --vision-position-weight must be >= 0 and --vision-lr > 0")
         for name in ("steps", "batch_size", "hidden_size", "n_layers", "n_heads", "checkpoint_every"):
             if getattr(self, name) < 1:
                 raise UserError(f"warmstart: --{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
@@ -387,9 +390,9 @@ def _vision_stage(cfg: WarmstartConfig, loaded, device, progress: bool) -> dict:
 
     result = pretrain_vision_tower(loaded, steps=cfg.vision_steps, batch_size=cfg.batch_size, lr=cfg.vision_lr,
                                    grid=cfg.image_size // cfg.patch_size, seed=cfg.seed, device=device,
-                                   progress=progress)
+                                   progress=progress, position_weight=cfg.vision_position_weight)
     loaded.model.train()
-    return {"steps": result.steps, "foreground_patch_accuracy": result.accuracy}
+    return {"steps": result.steps, "patch_accuracy": result.accuracy}
 
 
 def _finish(cfg: WarmstartConfig, loaded, out: Path, start_time: float, progress: bool,
