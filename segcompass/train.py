@@ -93,7 +93,9 @@ class TrainConfig:
     """Probability, per training sample and step, that its concentration-token states e_k are
     zeroed before the slot mapper, so that sample must be grounded from the SAE concept pathway
     r_k alone (not in the paper). With e_k carrying the target, the mapper otherwise learns to
-    ignore r_k and the atoms the provenance names have no causal effect on the mask. 0 = off."""
+    ignore r_k and the atoms the provenance names have no causal effect on the mask. 0 = off.
+    Measured on the world at 0.5 (500 steps): testA 44.6 -> 35.5 gIoU and top-5 atom deletion
+    still changed IoU by < 0.001, so it stays off by default."""
     seed: int = 0
     """Seeds the head's initialisation, the data order and torch's RNG."""
     log_every: int = 10
