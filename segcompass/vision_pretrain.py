@@ -13,9 +13,12 @@ Why row and column: the LLM sees image tokens as a 1-D sequence, so where a patc
 must be in its features. Trained on content alone, the tower's learned position embeddings
 were washed out: a linear probe read a patch's row / column third from the LLM's image
 tokens for 41% / 35% of patches (chance 33%), the policy stated a named object's position
-correctly for 19% of `direct` samples, and spatial references were near chance. This is fast: 64 tokens through a 64-wide ViT and
-no LLM (~0.1 s per step of 32 images on 2 cores). The heads are training machinery and are
-discarded; the tower is then frozen (or slowed) while the LLM learns to read it.
+correctly for 19% of `direct` samples, and spatial references were near chance. With the
+row/column heads: 100% / 100% from the tower, 56% positions stated right, spatial 17 -> 39%.
+
+This is fast: 64 tokens through a 64-wide ViT and no LLM (~0.05 s per step of 32 images on
+2 cores). The heads are training machinery and are discarded; the tower is then frozen (or
+slowed) while the LLM learns to read it.
 """
 
 from __future__ import annotations
