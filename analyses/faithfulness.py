@@ -141,7 +141,10 @@ def iou_drop(results: Sequence[DeletionResult], k: int = 5) -> DropSummary:
         raise ValueError(f"k={k} is not among the swept ks {results[0].ks.tolist()}")
     top = np.mean([r.full_iou - r.deletion[c] for r, c in zip(results, column)])
     rand = np.mean([r.full_iou - r.random_deletion[:, c].mean() for r, c in zip(results, column)])
-    ratio = top / rand if rand > 0 else (float("inf") if top > 0 else float("nan"))
+    # a random drop at float-rounding level (the masks did not change) is no denominator:
+    # measured once as 1e-17, which made a "ratio" of -9e11
+    tiny = 1e-9
+    ratio = top / rand if rand > tiny else (float("inf") if top > tiny else float("nan"))
     return DropSummary(float(top), float(rand), float(ratio), k)
 
 

@@ -126,3 +126,14 @@ def test_real_head_provenance_pathway():
     assert result.insertion[-1] == 1.0  # keeping every surviving atom changes nothing
     assert result.deletion[-1] == pytest.approx(evaluate(keep_atoms(codes, [])))  # all of them gone
     assert result.n_active == n
+
+
+def test_drop_ratio_ignores_a_float_noise_denominator():
+    """Random deletion that changes IoU by rounding error only gives no ratio, not ~1e12."""
+    from analyses.faithfulness import DeletionResult
+
+    ks = np.array([0, 5])
+    noise = DeletionResult(ks=ks, full_iou=0.5, deletion=np.array([0.5, 0.5 + 1e-12]),
+                           insertion=np.array([0.5, 0.5]), random_deletion=np.array([[0.5, 0.5 - 1e-17]]),
+                           random_insertion=np.array([[0.5, 0.5]]), n_active=10, n_ranked=10)
+    assert np.isnan(iou_drop([noise], k=5).ratio)
