@@ -50,7 +50,7 @@ class WarmstartConfig:
     n_train: int = 0
     """Distinct `train` samples, cycled; 0 = steps × batch_size (every sample new)."""
     steps: int = 1400
-    """Optimizer steps of the LLM stage (~0.29 s each on 2 idle cores; stage 0 adds ~1.8 min).
+    """Optimizer steps of the LLM stage (~0.29 s each on 2 idle cores; stage 0 adds ~1.3 min).
     Measured single-target accuracy on val: 44% after 500 steps, 54% after 1500."""
     batch_size: int = 32
     """Samples per step."""

@@ -36,14 +36,15 @@ def test_quick_demo_runs_end_to_end_and_links_every_result(tmp_path, capsys):
     metrics = json.loads((index.parent / "eval" / "metrics.json").read_text())["splits"]
     assert set(metrics) == set(EVAL_SPLITS)
     assert all(0 <= m["giou"] <= 1 for m in metrics.values())
-    # the index page renders in headless Chromium, figures included
-    shot = tmp_path / "index.png"
-    screenshot(index, shot, tmp_path / "profile")
-    pixels = np.asarray(Image.open(shot).convert("RGB"))
-    assert pixels.std() > 15 and len(np.unique(pixels.reshape(-1, 3), axis=0)) > 200, "index page did not render"
     printed = capsys.readouterr().out
     assert "results table:" in printed and f"index page: {index.resolve()}" in printed
     # a second call finds every stage done and redoes nothing
     before = {p: p.stat().st_mtime_ns for p in Path(index.parent).rglob("*.safetensors")}
     run_demo(DemoConfig(out=tmp_path / "demo", quick=True))
     assert {p: p.stat().st_mtime_ns for p in before} == before
+    # the index page renders in headless Chromium, figures included (last: a machine that
+    # cannot install Chromium skips only this part)
+    shot = tmp_path / "index.png"
+    screenshot(index, shot, tmp_path / "profile")
+    pixels = np.asarray(Image.open(shot).convert("RGB"))
+    assert pixels.std() > 15 and len(np.unique(pixels.reshape(-1, 3), axis=0)) > 200, "index page did not render"
