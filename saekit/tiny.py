@@ -108,11 +108,12 @@ def build_tokenizer(family: str, vocab: Sequence[str] | None = None, *,
 def build_tiny_llava(vocab: Sequence[str] | None = None, *, extra_special_tokens: Sequence[str] = (),
                      image_size: int = 64, patch_size: int = 8, hidden_size: int = 128,
                      n_layers: int = 4, n_heads: int = 4, intermediate_size: int | None = None,
-                     vision_hidden_size: int = 64, vision_layers: int = 2,
+                     vision_hidden_size: int = 64, vision_layers: int = 2, rope_theta: float = 10000.0,
                      seed: int = 0) -> LoadedModel:
     """A random-init `LlavaForConditionalGeneration`: tiny CLIP vision tower + tiny Llama.
 
     (image_size / patch_size)^2 `<image>` positions per image (CLS dropped, as LLaVA-1.5).
+    `rope_theta` is the Llama rotary base (Vicuna-1.5: 10000).
     Seeded: the same arguments give the same weights, without touching the global RNG.
     """
     from transformers import (CLIPImageProcessorPil, CLIPVisionConfig, LlamaConfig, LlavaConfig,
@@ -127,7 +128,7 @@ def build_tiny_llava(vocab: Sequence[str] | None = None, *, extra_special_tokens
         num_key_value_heads=n_heads, max_position_embeddings=4096,
         # Vicuna-1.5's value; equal to CLIP's layer_norm_eps, which matters to TransformerLens's
         # bridge: it normalises the vision tower's LayerNorms with the text model's eps.
-        rms_norm_eps=1e-5,
+        rms_norm_eps=1e-5, rope_parameters={"rope_type": "default", "rope_theta": rope_theta},
         bos_token_id=ids[BOS], eos_token_id=ids[EOS], pad_token_id=ids[PAD])
     vision_config = CLIPVisionConfig(
         hidden_size=vision_hidden_size, intermediate_size=2 * vision_hidden_size,

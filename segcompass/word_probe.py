@@ -132,3 +132,28 @@ def build_word_probe(tokenizer, hidden_size: int, seed: int) -> WordProbe:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         return WordProbe(hidden_size, ids)
+
+
+def word_separation_loss(embeddings: torch.Tensor, word_ids: torch.Tensor, margin: float) -> torch.Tensor:
+    """Sum over word pairs of relu(cos - margin)^2, divided by the number of words.
+
+    (V, D) embeddings, (W,) ids of the words to keep apart -> scalar.
+
+    Why: with the output head tied to the input embeddings, two words that occur in the same
+    contexts ('above' / 'below', 'largest' / 'smallest', 'stars' / 'triangles') receive the
+    same output-side gradient until the policy can tell them apart, which pulls them together
+    before it can. Measured after a 600-step warm start without this term: cos(above, below)
+    0.967, and the policy copied 'below' from its own prompt as 'above' 21 times out of 21.
+    """
+    words = torch.nn.functional.normalize(embeddings[word_ids], dim=-1)  # (W, D)
+    cosine = words @ words.T  # (W, W)
+    above = torch.relu(torch.triu(cosine, diagonal=1) - margin)  # upper triangle: each pair once
+    return above.square().sum() / len(word_ids)
+
+
+def separation_word_ids(tokenizer) -> list[int]:
+    """Ids of every word an instruction or chain of thought of the world can contain."""
+    from segcompass.data.world import world_vocabulary
+
+    ids = tokenizer.convert_tokens_to_ids(world_vocabulary())
+    return sorted({i for i in ids if i != tokenizer.unk_token_id})

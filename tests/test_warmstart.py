@@ -120,3 +120,20 @@ def test_slot_labels_name_the_answer_line_in_order(tmp_path):
         expected += [(0, 0)] * (k_for(True) - len(expected))
         assert [tuple(l) for l in batch.slot_labels[batch.slot_rows == row].tolist()] == expected
     assert any(len(parse_answer(s.cot)) >= 2 for s in samples) and any(not parse_answer(s.cot) for s in samples)
+
+
+def test_word_separation_loss_hand_computed_and_pushes_collapsed_words_apart():
+    from segcompass.word_probe import word_separation_loss
+
+    # words 0 and 1 at cosine 0.8, word 2 orthogonal to both, word 3 not in the id list
+    embeddings = torch.tensor([[1.0, 0.0, 0.0], [0.8, 0.6, 0.0], [0.0, 0.0, 2.0], [1.0, 0.0, 0.0]],
+                              requires_grad=True)
+    ids = torch.tensor([0, 1, 2])
+    loss = word_separation_loss(embeddings, ids, margin=0.3)
+    assert loss.item() == pytest.approx((0.8 - 0.3) ** 2 / 3)
+    loss.backward()
+    assert embeddings.grad[3].abs().sum() == 0 and embeddings.grad[2].abs().sum() < 1e-7
+    moved = embeddings.detach() - 0.5 * embeddings.grad
+    cos = torch.nn.functional.cosine_similarity(moved[0], moved[1], dim=0)
+    assert cos < 0.8  # a gradient step separates the collapsed pair
+    assert word_separation_loss(embeddings, ids, margin=0.9).item() == 0.0

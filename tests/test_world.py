@@ -232,3 +232,25 @@ def test_patch_objects_assigns_each_patch_its_majority_object():
     labels[4, 0] = 1  # patch (1, 0): one pixel (< 25 %) -> background
     assert patch_objects(labels, 2).tolist() == [[0, 1], [-1, -1]]
     assert patch_objects(np.full((8, 8), -1, dtype=np.int16), 2).tolist() == [[-1, -1], [-1, -1]]
+
+
+def test_prompt_does_not_reveal_whether_a_target_exists(samples, monkeypatch):
+    """In train/val a single-target instruction is sometimes asked with the K-slot prompt, so
+    'the {C} {S}' under that prompt is not always a no-target case (a warm-started policy
+    learned exactly that shortcut), and changing the share changes nothing but the prompt."""
+    import dataclasses
+
+    import segcompass.data.world as world
+
+    train = generate("train", 400, seed=0)
+    single = [s for s in train if len(s.targets) == 1]
+    share = np.mean([s.multi_prompt for s in single])
+    assert 0.15 < share < 0.35  # multi_prompt_share 0.25
+    assert all(s.multi_prompt for s in train if s.family in ("multi", "no_target"))
+    assert not any(s.multi_prompt for split in ("testA", "testB", "reason") for s in samples[split]
+                   if s.family not in ("multi", "no_target"))
+    monkeypatch.setitem(world.SPLITS, "train", dataclasses.replace(world.SPLITS["train"], multi_prompt_share=0.0))
+    for s in train[:40]:
+        again = make_sample("train", int(s.sample_id.rsplit("-", 1)[1]), seed=0)
+        assert again.image.tobytes() == s.image.tobytes() and again.instruction == s.instruction
+        assert again.multi_prompt == (s.family in ("multi", "no_target"))

@@ -54,12 +54,21 @@ class SplitSpec:
     held_out: bool = False
     """Draw only held-out ('reason/') templates instead of trained ones."""
     always_multi_prompt: bool = False
-    """Every sample uses the K-slot prompt (gRefCOCO-like); otherwise only multi and no-target do."""
+    """Every sample uses the K-slot prompt (gRefCOCO-like); otherwise multi and no-target do, and
+    single-target samples with probability `multi_prompt_share`."""
+    multi_prompt_share: float = 0.0
+    """Probability that a single-target sample gets the K-slot prompt. Above 0, the prompt no
+    longer tells the policy whether a target exists: with 0 in `train`, 'the {C} {S}' under the
+    K-slot prompt was always a no-target case, and a warm-started policy answered those 100%
+    right while answering 'all the {C} objects' with no such objects 0% right (it had learned
+    the prompt, not to look for absence)."""
 
     def __post_init__(self) -> None:
         lo, hi = self.n_objects
         if not 2 <= lo <= hi <= 7:
             raise ValueError(f"n_objects must lie in [2, 7], got {self.n_objects}")
+        if not 0 <= self.multi_prompt_share <= 1:
+            raise ValueError(f"multi_prompt_share must lie in [0, 1], got {self.multi_prompt_share}")
         if abs(sum(self.size_weights) - 1) > 1e-6 or abs(sum(self.family_weights.values()) - 1) > 1e-6:
             raise ValueError("size_weights and family_weights must each sum to 1")
         if unknown := set(self.family_weights) - set(FAMILIES):
@@ -71,8 +80,8 @@ _TRAIN_FAMILIES = {"direct": 0.14, "attribute": 0.2, "spatial": 0.2, "indirect":
 _SINGLE_FAMILIES = {"direct": 0.2, "attribute": 0.25, "spatial": 0.25, "indirect": 0.3}
 
 SPLITS: dict[str, SplitSpec] = {
-    "train": SplitSpec(0, (2, 7), (0.3, 0.4, 0.3), 0.8, 0.5, _TRAIN_FAMILIES),
-    "val": SplitSpec(1, (2, 7), (0.3, 0.4, 0.3), 0.8, 0.5, _TRAIN_FAMILIES),
+    "train": SplitSpec(0, (2, 7), (0.3, 0.4, 0.3), 0.8, 0.5, _TRAIN_FAMILIES, multi_prompt_share=0.25),
+    "val": SplitSpec(1, (2, 7), (0.3, 0.4, 0.3), 0.8, 0.5, _TRAIN_FAMILIES, multi_prompt_share=0.25),
     "testA": SplitSpec(2, (2, 4), (0.2, 0.4, 0.4), 1.15, 1.0, _SINGLE_FAMILIES),
     "testB": SplitSpec(3, (5, 7), (0.45, 0.4, 0.15), 0.6, 0.45, _SINGLE_FAMILIES),
     "multi": SplitSpec(4, (3, 7), (0.3, 0.4, 0.3), 0.8, 0.5,
@@ -235,10 +244,18 @@ def make_sample(split: str, index: int, seed: int = 0) -> WorldSample:
             continue
         image = render(placements, scene, rng)  # drawn once, for the accepted scene only
         masks = instance_masks(scene.labels, len(objects))[list(ref.targets)]  # (N_targets, H, W)
-        multi = spec.always_multi_prompt or template.family in ("multi", "no_target")
+        multi = _uses_multi_prompt(spec, template.family, seed, index)
         return WorldSample(f"{split}-{seed}-{index:07d}", split, image, ref.instruction, template.family,
                            template.template_id, ref.targets, tuple(objects), ref.cot, multi, masks)
     raise RuntimeError(f"world: no valid scene for {split} #{index} (seed {seed}) in {_MAX_ATTEMPTS} attempts")
+
+
+def _uses_multi_prompt(spec: SplitSpec, family: str, seed: int, index: int) -> bool:
+    """Whether a sample is asked with the K-slot prompt. The coin has its own generator keyed
+    like the sample's, so changing `multi_prompt_share` leaves every image and instruction as it was."""
+    if spec.always_multi_prompt or family in ("multi", "no_target"):
+        return True
+    return bool(np.random.default_rng([seed, spec.code, index, 1]).random() < spec.multi_prompt_share)
 
 
 def _spec(split: str) -> SplitSpec:
