@@ -156,6 +156,9 @@ class WarmstartConfig:
             raise UserError(f"warmstart: --caption-fraction must lie in [0, 1), got {self.caption_fraction}")
         if self.lr <= 0:
             raise UserError(f"warmstart: --lr must be > 0, got {self.lr}")
+        if self.word_separation_weight < 0 or not 0 <= self.word_separation_margin < 1:
+            raise UserError(f"warmstart: need --word-separation-weight >= 0 and 0 <= --word-separation-margin < 1, "
+                            f"got {self.word_separation_weight}, {self.word_separation_margin}")
 
     def effective(self) -> "WarmstartConfig":
         """The config that actually runs: QUICK_OVERRIDES applied when `quick`."""
@@ -314,6 +317,8 @@ def teacher_losses(model: torch.nn.Module, probes: torch.nn.ModuleDict, batch: T
         slot = probes["slot"].loss(states[None], words, batch.slot_labels.T[None])  # (1, N, D) vs (1, 2, N)
     separation = torch.zeros((), device=response.device)
     if separation_weight > 0:
+        if separation_ids is None:
+            raise ValueError("teacher_losses: separation_weight > 0 needs separation_ids (word_probe.separation_word_ids)")
         separation = word_separation_loss(words, separation_ids, separation_margin)
     return Losses(response + patch_weight * patch + slot_weight * slot + separation_weight * separation,
                   response, patch, slot, separation)

@@ -137,7 +137,7 @@ def build_word_probe(tokenizer, hidden_size: int, seed: int) -> WordProbe:
 def word_separation_loss(embeddings: torch.Tensor, word_ids: torch.Tensor, margin: float) -> torch.Tensor:
     """Sum over word pairs of relu(cos - margin)^2, divided by the number of words.
 
-    (V, D) embeddings, (W,) ids of the words to keep apart -> scalar.
+    (V, D) embeddings, (W,) ids of the words to keep apart, margin in [0, 1) -> scalar.
 
     Why: with the output head tied to the input embeddings, two words that occur in the same
     contexts ('above' / 'below', 'largest' / 'smallest', 'stars' / 'triangles') receive the
@@ -145,6 +145,8 @@ def word_separation_loss(embeddings: torch.Tensor, word_ids: torch.Tensor, margi
     before it can. Measured after a 600-step warm start without this term: cos(above, below)
     0.967, and the policy copied 'below' from its own prompt as 'above' 21 times out of 21.
     """
+    if not 0 <= margin < 1:
+        raise ValueError(f"word_separation_loss: margin must lie in [0, 1), got {margin}")
     words = torch.nn.functional.normalize(embeddings[word_ids], dim=-1)  # (W, D)
     cosine = words @ words.T  # (W, W)
     above = torch.relu(torch.triu(cosine, diagonal=1) - margin)  # upper triangle: each pair once

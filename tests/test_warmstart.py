@@ -137,3 +137,5 @@ def test_word_separation_loss_hand_computed_and_pushes_collapsed_words_apart():
     cos = torch.nn.functional.cosine_similarity(moved[0], moved[1], dim=0)
     assert cos < 0.8  # a gradient step separates the collapsed pair
     assert word_separation_loss(embeddings, ids, margin=0.9).item() == 0.0
+    with pytest.raises(UserError, match="word-separation-margin"):
+        WarmstartConfig(word_separation_margin=-0.1)
