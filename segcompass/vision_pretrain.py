@@ -33,6 +33,10 @@ FIELDS: tuple[str, ...] = ("colour", "shape", "size")
 """What each patch is classified into (each with a background class 0); `word_probe.PROBE_FIELDS[:3]`."""
 POSITION_FIELDS: tuple[str, ...] = ("row", "column")
 """Where each patch lies on the grid (0..grid-1), foreground and background alike."""
+CENTRE_FIELDS: tuple[str, ...] = ("centre_row", "centre_column")
+"""Where the centre of the object covering a patch lies on the grid (foreground patches only):
+every patch of an object then carries the object's own position, which relations and the
+chain of thought's 'is at top left' are judged on (`word_probe.centre_cells`)."""
 
 
 class VisionPretrainResult(NamedTuple):
@@ -77,31 +81,48 @@ def position_loss(heads: nn.ModuleList, features: torch.Tensor, grid: int) -> to
     return torch.stack(losses).mean()
 
 
-def patch_batch(image_processor, samples, grid: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """pixel_values (B, 3, H, W) and labels (B, 3, grid*grid) of world samples."""
-    from segcompass.word_probe import patch_targets
+class PatchBatch(NamedTuple):
+    """Stage-0 inputs and per-patch labels of world samples."""
+
+    pixels: torch.Tensor
+    """(B, 3, H, W) pixel_values."""
+    labels: torch.Tensor
+    """(B, 3, P) int64 FIELDS labels, P = grid², 0 = background."""
+    centres: torch.Tensor
+    """(B, 2, P) int64 CENTRE_FIELDS labels, -1 on background (ignored)."""
+
+
+def patch_batch(image_processor, samples, grid: int) -> PatchBatch:
+    """Pixels and per-patch labels of world samples."""
+    from segcompass.word_probe import centre_cells, patch_targets
 
     pixels = image_processor([s.image for s in samples], return_tensors="pt")["pixel_values"]
     labels = np.stack([patch_targets(s, grid)[:len(FIELDS)] for s in samples])  # (B, 3, G, G)
-    return pixels, torch.from_numpy(labels).flatten(2)
+    centres = np.stack([centre_cells(s, grid) for s in samples])  # (B, 2, G, G)
+    return PatchBatch(pixels, torch.from_numpy(labels).flatten(2), torch.from_numpy(centres).flatten(2))
 
 
 def patch_loss(heads: nn.ModuleList, features: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Mean cross-entropy over fields: features (B, P, D), labels (B, 3, P)."""
-    losses = [nn.functional.cross_entropy(head(features).flatten(0, 1), labels[:, i].flatten())
+    """Mean cross-entropy over fields: features (B, P, D), labels (B, F, P); label -1 is ignored."""
+    losses = [nn.functional.cross_entropy(head(features).flatten(0, 1), labels[:, i].flatten(), ignore_index=-1)
               for i, head in enumerate(heads)]
     return torch.stack(losses).mean()
 
 
 @torch.no_grad()
 def patch_accuracy(vision_tower, heads, pixels: torch.Tensor, labels: torch.Tensor,
-                   position_heads: nn.ModuleList | None = None, grid: int = 0) -> dict[str, float]:
-    """Field -> accuracy: FIELDS over patches whose object label is not background,
-    POSITION_FIELDS (when `position_heads` are given) over every patch."""
+                   position_heads: nn.ModuleList | None = None, grid: int = 0,
+                   centre_heads: nn.ModuleList | None = None, centres: torch.Tensor | None = None) -> dict[str, float]:
+    """Field -> accuracy: FIELDS (and CENTRE_FIELDS, when `centre_heads` and `centres` are
+    given) over patches whose object label is not background, POSITION_FIELDS (when
+    `position_heads` are given) over every patch."""
     features = vision_features(vision_tower, pixels)
     foreground = labels[:, 0] > 0  # (B, P)
     accuracy = {field: round(float((head(features).argmax(-1) == labels[:, i])[foreground].float().mean()), 4)
                 for i, (field, head) in enumerate(zip(FIELDS, heads))}
+    if centre_heads is not None:
+        accuracy.update({field: round(float((head(features).argmax(-1) == centres[:, i])[foreground].float().mean()), 4)
+                         for i, (field, head) in enumerate(zip(CENTRE_FIELDS, centre_heads))})
     if position_heads is not None:
         targets = position_targets(grid).to(features.device)  # (2, P)
         accuracy.update({field: round(float((head(features).argmax(-1) == targets[i]).float().mean()), 4)
@@ -110,10 +131,11 @@ def patch_accuracy(vision_tower, heads, pixels: torch.Tensor, labels: torch.Tens
 
 
 def pretrain_vision_tower(loaded, *, steps: int, batch_size: int, lr: float, grid: int, seed: int,
-                          device: torch.device, progress: bool = True,
-                          position_weight: float = 1.0) -> VisionPretrainResult:
+                          device: torch.device, progress: bool = True, position_weight: float = 1.0,
+                          centre_weight: float = 0.0) -> VisionPretrainResult:
     """Train `loaded.model`'s vision tower in place on per-patch colour/shape/size labels
-    plus `position_weight` x the patch row/column loss (0 = content only).
+    plus `position_weight` x the patch row/column loss (0 = content only) plus `centre_weight`
+    x the loss of CENTRE_FIELDS (0 = off).
 
     Batch s holds world `train` samples s*batch .. (s+1)*batch - 1; accuracy is measured on
     256 `val` samples. Seeded: the heads from `seed`, the data from the world seed `seed`.
@@ -123,22 +145,27 @@ def pretrain_vision_tower(loaded, *, steps: int, batch_size: int, lr: float, gri
     from segcompass.data.world import make_sample
 
     tower = loaded.model.model.vision_tower
+    width = tower.config.hidden_size
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        heads = build_patch_heads(tower.config.hidden_size).to(device)
-        position_heads = build_position_heads(tower.config.hidden_size, grid).to(device) if position_weight else None
-    params = [*tower.parameters(), *heads.parameters(), *(position_heads.parameters() if position_heads else ())]
+        heads = build_patch_heads(width).to(device)
+        position_heads = build_position_heads(width, grid).to(device) if position_weight else None
+        centre_heads = build_position_heads(width, grid).to(device) if centre_weight else None
+    params = [*tower.parameters(), *heads.parameters(), *(position_heads.parameters() if position_heads else ()),
+              *(centre_heads.parameters() if centre_heads else ())]
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=max(steps, 1), pct_start=0.1)
     tower.train()
     bar = tqdm(range(steps), desc="vision tower", disable=not progress)
     for step in bar:
         samples = [make_sample("train", step * batch_size + i, seed) for i in range(batch_size)]
-        pixels, labels = patch_batch(loaded.image_processor, samples, grid)
-        features = vision_features(tower, pixels.to(device))  # (B, P, D)
-        loss = patch_loss(heads, features, labels.to(device))
+        batch = patch_batch(loaded.image_processor, samples, grid)
+        features = vision_features(tower, batch.pixels.to(device))  # (B, P, D)
+        loss = patch_loss(heads, features, batch.labels.to(device))
         if position_heads is not None:
             loss = loss + position_weight * position_loss(position_heads, features, grid)
+        if centre_heads is not None:
+            loss = loss + centre_weight * patch_loss(centre_heads, features, batch.centres.to(device))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -147,7 +174,7 @@ def pretrain_vision_tower(loaded, *, steps: int, batch_size: int, lr: float, gri
         bar.set_postfix(loss=f"{loss.item():.3f}")
     optimizer.zero_grad(set_to_none=True)  # no stale gradients left on the tower for a later stage
     tower.eval()
-    held_out = [make_sample("val", i, seed) for i in range(256)]
-    pixels, labels = patch_batch(loaded.image_processor, held_out, grid)
-    accuracy = patch_accuracy(tower, heads, pixels.to(device), labels.to(device), position_heads, grid)
+    held_out = patch_batch(loaded.image_processor, [make_sample("val", i, seed) for i in range(256)], grid)
+    accuracy = patch_accuracy(tower, heads, held_out.pixels.to(device), held_out.labels.to(device), position_heads,
+                              grid, centre_heads, held_out.centres.to(device))
     return VisionPretrainResult(accuracy, steps)

@@ -116,6 +116,15 @@ class WarmstartConfig:
     vision_position_weight: float = 1.0
     """Weight of stage 0's patch row/column loss (`vision_pretrain.POSITION_FIELDS`): keeps where
     a patch lies readable from its features, which spatial references need. 0 = content only."""
+    vision_centre_weight: float = 0.25
+    """Weight of stage 0's object-centre loss (`vision_pretrain.CENTRE_FIELDS`): each object
+    patch also classifies the grid row and column of its object's centre, so every patch of
+    an object says where the object is. 0 = off. Measured (1200 steps, tower width 96): centre
+    cell 99.2% at 0.25 with shape 94.6 -> 91.1%; at 1.0 shape fell to 62%."""
+    probe_object_position: bool = True
+    """The word probe's row/column words for an object patch are those of the object's
+    position (the words the chain of thought writes) rather than of the patch's own third
+    (`word_probe.patch_targets`)."""
     freeze_vision: bool = True
     """Freeze the vision tower after stage 0 (the LLM stage trains projector and LLM only)."""
     tie_embeddings: bool = True
@@ -137,8 +146,9 @@ class WarmstartConfig:
     """'auto' (cuda when available), 'cpu', 'cuda', ..."""
 
     def __post_init__(self) -> None:
-        if self.vision_steps < 0 or self.vision_lr <= 0 or self.vision_position_weight < 0:
-            raise UserError("warmstart: --vision-steps and --vision-position-weight must be >= 0 and --vision-lr > 0")
+        if min(self.vision_steps, self.vision_position_weight, self.vision_centre_weight) < 0 or self.vision_lr <= 0:
+            raise UserError("warmstart: --vision-steps, --vision-position-weight and --vision-centre-weight must be "
+                            ">= 0 and --vision-lr > 0")
         for name in ("steps", "batch_size", "hidden_size", "n_layers", "n_heads", "checkpoint_every"):
             if getattr(self, name) < 1:
                 raise UserError(f"warmstart: --{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
@@ -211,16 +221,16 @@ class Example(NamedTuple):
     """(2, K_MULTI) int64 colour/shape labels of the response's <REF_POS> tokens (`word_probe.slot_targets`)."""
 
 
-def reference_example(sample, grid: int) -> Example:
+def reference_example(sample, grid: int, object_position: bool = True) -> Example:
     """The policy task: the template prompt and '<think> {CoT} </think> <REF_POS>×K'."""
     from segcompass.template import build_prompt, format_response, k_for
 
     return Example(sample.image, build_prompt(sample.instruction, multi=sample.multi_prompt),
-                   format_response(sample.cot, k_for(sample.multi_prompt)), patch_targets(sample, grid),
-                   slot_targets(sample, K_MULTI))
+                   format_response(sample.cot, k_for(sample.multi_prompt)),
+                   patch_targets(sample, grid, object_position=object_position), slot_targets(sample, K_MULTI))
 
 
-def caption_example(sample, grid: int) -> Example:
+def caption_example(sample, grid: int, object_position: bool = True) -> Example:
     """The perception task: 'describe the scene .' -> every object with size and position.
 
     Like LLaVA's caption-alignment stage it supervises every object in the image, where
@@ -229,8 +239,8 @@ def caption_example(sample, grid: int) -> Example:
     from segcompass.data.world_language import describe_scene
 
     # A caption has no <REF_POS>, so its slot labels are never read.
-    return Example(sample.image, CAPTION_PROMPT, describe_scene(sample.objects), patch_targets(sample, grid),
-                   np.zeros((2, K_MULTI), dtype=np.int64))
+    return Example(sample.image, CAPTION_PROMPT, describe_scene(sample.objects),
+                   patch_targets(sample, grid, object_position=object_position), np.zeros((2, K_MULTI), dtype=np.int64))
 
 
 class TeacherBatch(NamedTuple):
@@ -341,8 +351,8 @@ def step_examples(cfg: WarmstartConfig, step: int) -> list[Example]:
     n_caption = round(cfg.caption_fraction * cfg.batch_size)
     samples = [make_sample("train", (start + i) % cfg.train_pool, cfg.seed) for i in range(cfg.batch_size)]
     grid = cfg.image_size // cfg.patch_size
-    return [caption_example(s, grid) if i < n_caption else reference_example(s, grid)
-            for i, s in enumerate(samples)]
+    return [caption_example(s, grid, cfg.probe_object_position) if i < n_caption
+            else reference_example(s, grid, cfg.probe_object_position) for i, s in enumerate(samples)]
 
 
 class WarmstartResult(NamedTuple):
@@ -422,7 +432,8 @@ def _vision_stage(cfg: WarmstartConfig, loaded, device, progress: bool) -> dict:
 
     result = pretrain_vision_tower(loaded, steps=cfg.vision_steps, batch_size=cfg.batch_size, lr=cfg.vision_lr,
                                    grid=cfg.image_size // cfg.patch_size, seed=cfg.seed, device=device,
-                                   progress=progress, position_weight=cfg.vision_position_weight)
+                                   progress=progress, position_weight=cfg.vision_position_weight,
+                                   centre_weight=cfg.vision_centre_weight)
     loaded.model.train()
     return {"steps": result.steps, "patch_accuracy": result.accuracy}
 

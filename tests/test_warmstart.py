@@ -139,3 +139,22 @@ def test_word_separation_loss_hand_computed_and_pushes_collapsed_words_apart():
     assert word_separation_loss(embeddings, ids, margin=0.9).item() == 0.0
     with pytest.raises(UserError, match="word-separation-margin"):
         WarmstartConfig(word_separation_margin=-0.1)
+
+
+def test_probe_positions_are_the_covering_objects_own_position():
+    from segcompass.data.world_render import COLUMNS, ROWS, patch_objects
+    from segcompass.word_probe import centre_cells, patch_targets
+
+    for sample in generate("train", 6, seed=0):
+        owner = patch_objects(sample.labels, 8)  # (8, 8), -1 = background
+        by_object = patch_targets(sample, 8)
+        by_patch = patch_targets(sample, 8, object_position=False)
+        cells = centre_cells(sample, 8)
+        for row, col in zip(*(owner >= 0).nonzero()):
+            obj = sample.objects[owner[row, col]]
+            assert f"{ROWS[by_object[3, row, col]]} {COLUMNS[by_object[4, row, col]]}" == obj.position
+            assert tuple(cells[:, row, col]) == (int(obj.centre[1]) // 16, int(obj.centre[0]) // 16)
+        background = owner < 0
+        assert (by_object[:3] == by_patch[:3]).all() and (by_object[3:, background] == by_patch[3:, background]).all()
+        assert (cells[:, background] == -1).all()
+        assert (by_patch[3] == (3 * (torch.arange(8) + 0.5) / 8).long()[:, None].numpy()).all()  # patch's own third
