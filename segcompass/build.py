@@ -63,6 +63,9 @@ class HeadConfig:
     """Channels of the conv map head F_map."""
     confidence_uses_query: bool = True
     """Feed Q_k to the confidence head besides the pooled scores (the paper's F_conf sees S only)."""
+    key_kernel: int = 1
+    """Side of the slot mapper's key projection W^K over the image embedding: 1 = the paper's
+    per-position projection; 3 lets each key see its 3x3 neighbourhood of embedding cells."""
     sam_preset: str = "sam-vit-h"
     """SAM preset whose image embedding, prompt encoder and mask decoder the head uses."""
 
@@ -73,6 +76,8 @@ class HeadConfig:
                 raise ValueError(f"HeadConfig.{name} must be >= 1, got {getattr(self, name)}")
         if self.d_c % self.aggregator_heads:
             raise ValueError(f"d_c {self.d_c} must be divisible by aggregator_heads {self.aggregator_heads}")
+        if self.key_kernel % 2 == 0:
+            raise ValueError(f"HeadConfig.key_kernel must be odd, got {self.key_kernel}")
         if self.threshold < 0 or not 0 <= self.dropout < 1:
             raise ValueError("threshold must be >= 0 and dropout in [0, 1)")
         if self.codebook_tokens not in ("per_token", "per_atom"):
@@ -117,7 +122,7 @@ def build_slot_mapper(cfg: HeadConfig, *, image_dim: int) -> SlotMapper:
     return SlotMapper(llm_dim=cfg.d_llm, concept_dim=cfg.d_c, image_dim=image_dim, query_dim=cfg.query_dim,
                       mlp_hidden=cfg.query_mlp_hidden, num_heads=cfg.mapper_heads,
                       head_dim=cfg.mapper_head_dim, map_hidden=cfg.map_head_hidden, upsample=4,
-                      confidence_uses_query=cfg.confidence_uses_query)
+                      confidence_uses_query=cfg.confidence_uses_query, key_kernel=cfg.key_kernel)
 
 
 def build_mask_decoder(sam: SamModel) -> SlotMaskDecoder:

@@ -53,6 +53,8 @@ class SegCompassConfig:
     """SAM preset: sam-vit-b/l/h (pretrained, frozen encoder) or sam-tiny-16/32 (trained)."""
     train_sam_encoder: bool = True
     """Train the SAM vision encoder (the world's small one); pretrained ViTs stay frozen."""
+    key_kernel: int = 0
+    """Slot-mapper key projection side (`HeadConfig.key_kernel`); 0 = the head preset's."""
 
 
 class SegCompassOutput(NamedTuple):
@@ -141,8 +143,9 @@ def build_segcompass(config: SegCompassConfig, *, policy_path: str | Path, sae_p
     if not 1 <= config.sae_layer <= policy.preset.n_layers:
         raise UserError(f"sae_layer {config.sae_layer} is out of range for {policy.preset.name} "
                         f"(valid 1..{policy.preset.n_layers})")
+    overrides = {"key_kernel": config.key_kernel} if config.key_kernel else {}
     cfg = head_config(config.head_preset, d_sae=sae.d_sae, d_llm=policy.preset.d_model,
-                      sam_preset=config.sam_preset)
+                      sam_preset=config.sam_preset, **overrides)
     sam = load_sam(config.sam_preset, sam_path, device=device) if sam_path else build_sam(config.sam_preset, seed=seed)
     torch.manual_seed(seed)
     head = build_head(cfg, sam).to(device)

@@ -90,9 +90,11 @@ def judge(sample, text: str) -> Judgement:
 
 
 def evaluate_policy(loaded, split: str, n: int, *, seed: int = 1, progress: bool = False,
-                    examples: int = 5) -> dict:
+                    examples: int = 5, grid: int = 0) -> dict:
     """Greedy decoding on `n` samples of `split`: format-valid and target-correct fractions,
-    overall, for single-target samples, and per family; plus a few example responses."""
+    overall, for single-target samples, and per family; plus a few example responses. With
+    the vision `grid` (> 0), also the commonest teacher-forced first errors per family
+    (`first_errors`, `first_error_patterns`)."""
     from segcompass.data.world import generate
 
     samples = generate(split, n, seed)
@@ -107,14 +109,87 @@ def evaluate_policy(loaded, split: str, n: int, *, seed: int = 1, progress: bool
     summary = {name: {"n": len(js), "format_valid": _mean(j.format_valid for j in js),
                       "target_correct": _mean(j.target_correct for j in js)}
                for name, js in sorted(groups.items())}
-    return {"split": split, "seed": seed, "n": n,
-            "format_valid": summary["all"]["format_valid"],
-            "single_target_correct": summary.get("single_target", {}).get("target_correct", 0.0),
-            "groups": summary,
-            "examples": [{"instruction": s.instruction, "truth": s.cot, "response": t}
-                         for s, t in zip(samples[:examples], texts[:examples])]}
+    report = {"split": split, "seed": seed, "n": n,
+              "format_valid": summary["all"]["format_valid"],
+              "single_target_correct": summary.get("single_target", {}).get("target_correct", 0.0),
+              "groups": summary,
+              "examples": [{"instruction": s.instruction, "truth": s.cot, "response": t}
+                           for s, t in zip(samples[:examples], texts[:examples])]}
+    if grid:
+        errors = first_errors(loaded, samples, grid=grid)
+        report["teacher_forced"] = {"all_correct": _mean(e is None for e in errors),
+                                    "first_errors": first_error_patterns(errors)}
+    return report
 
 
 def _mean(values) -> float:
     values = list(values)
     return round(sum(values) / len(values), 4) if values else 0.0
+
+
+class FirstError(NamedTuple):
+    """Where teacher forcing on the ground-truth response first goes wrong for one sample."""
+
+    family: str
+    """The sample's instruction family."""
+    multi_prompt: bool
+    """Whether it was asked with the K-slot prompt."""
+    position: int
+    """Index of the wrong token among the supervised response tokens."""
+    context: tuple[str, ...]
+    """Up to four ground-truth tokens before it."""
+    expected: str
+    """The ground-truth token."""
+    predicted: str
+    """The policy's argmax there."""
+
+
+@torch.no_grad()
+def first_errors(loaded, samples: Sequence, *, grid: int, batch_size: int = 50) -> list[FirstError | None]:
+    """Per sample, the first response token whose argmax differs from the ground truth when the
+    policy reads the ground-truth prefix (teacher forcing), or None when every token is right.
+
+    Free decoding shows where an answer ends up; this shows which reasoning step breaks first
+    (a position word, a colour after 'the other', 'there' for a missing object), without
+    the later steps being confounded by an earlier mistake.
+    """
+    from segcompass.warmstart import reference_example, teacher_batch
+
+    model, tokenizer = loaded.model, loaded.tokenizer
+    device = next(model.parameters()).device
+    found: list[FirstError | None] = []
+    for start in range(0, len(samples), batch_size):
+        chunk = samples[start:start + batch_size]
+        batch = teacher_batch(loaded, [reference_example(s, grid) for s in chunk]).to(device)
+        predicted = model(**batch.model_inputs).logits[:, :-1].argmax(-1)  # (B, T-1): token t+1 predicted at t
+        labels = batch.labels[:, 1:]  # (B, T-1)
+        for row, sample in enumerate(chunk):
+            supervised = labels[row] != -100
+            truth, guess = labels[row][supervised].tolist(), predicted[row][supervised].tolist()
+            wrong = next((i for i, (t, g) in enumerate(zip(truth, guess)) if t != g), None)
+            if wrong is None:
+                found.append(None)
+                continue
+            words = tokenizer.convert_ids_to_tokens(truth)
+            found.append(FirstError(sample.family, sample.multi_prompt, wrong, tuple(words[max(0, wrong - 4):wrong]),
+                                    words[wrong], tokenizer.convert_ids_to_tokens(guess[wrong])))
+    return found
+
+
+def first_error_patterns(errors: Sequence[FirstError | None], top: int = 5) -> dict[str, list[tuple[str, int]]]:
+    """Family -> its `top` commonest first errors, colour and shape words written C and S
+    ('left of it is the [colour]'), with counts; families with no error are left out."""
+    from collections import Counter
+
+    from segcompass.data.world_render import COLOURS, SHAPES
+
+    def general(word: str) -> str:
+        return "C" if word in COLOURS else "S" if word in SHAPES else word
+
+    counts: dict[str, Counter] = defaultdict(Counter)
+    for error in errors:
+        if error is None:
+            continue
+        expected = "colour" if error.expected in COLOURS else "shape" if error.expected in SHAPES else error.expected
+        counts[error.family][" ".join([*map(general, error.context), f"[{expected}]"])] += 1
+    return {family: c.most_common(top) for family, c in sorted(counts.items())}

@@ -58,6 +58,8 @@ class TrainConfig:
     """SAM preset; sam-tiny-* train from scratch, sam-vit-* load from --sam-path (frozen encoder)."""
     sam_path: Path | None = None
     """Local folder of a pretrained SAM (facebook/sam-vit-* layout)."""
+    key_kernel: int = 0
+    """Side of the slot mapper's key projection (`HeadConfig.key_kernel`, odd); 0 = the head preset's."""
     steps: int = 900
     """Optimizer steps."""
     batch_size: int = 16
@@ -139,6 +141,8 @@ class TrainConfig:
                 raise UserError(f"train: --{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
         if self.policy_lr_mult <= 0:
             raise UserError(f"train: --policy-lr-mult must be > 0, got {self.policy_lr_mult}")
+        if self.key_kernel < 0 or (self.key_kernel and self.key_kernel % 2 == 0):
+            raise UserError(f"train: --key-kernel must be 0 (the preset's) or odd, got {self.key_kernel}")
         if not 0 <= self.slot_embedding_dropout < 1:
             raise UserError(f"train: --slot-embedding-dropout must lie in [0, 1), got {self.slot_embedding_dropout}")
         if self.lr <= 0 or not 0 < self.pct_start < 1:
@@ -151,7 +155,7 @@ class TrainConfig:
     def model_config(self) -> SegCompassConfig:
         return SegCompassConfig(policy_preset=self.policy_preset, sae_layer=self.sae_layer,
                                 head_preset=self.head_preset, sam_preset=self.sam_preset,
-                                train_sam_encoder=self.sam_path is None)
+                                train_sam_encoder=self.sam_path is None, key_kernel=self.key_kernel)
 
     def loss_config(self) -> SegLossConfig:
         return SegLossConfig(seg_weight=self.seg_weight, conf_weight=self.conf_weight,

@@ -54,3 +54,29 @@ def test_score_only_confidence_and_gradients():
     assert sm.confidence_head[0].in_features == 2 * HEADS
     (out.heatmap_logits.sum() + out.confidence_logits.sum()).backward()
     assert e.grad.abs().sum() > 0 and sm.key_proj.weight.grad.abs().sum() > 0
+
+
+def test_neighbourhood_keys_match_an_explicit_3x3_window_sum():
+    sm = mapper(key_kernel=3)
+    e, r, image = torch.randn(B, K, D_LLM), torch.randn(B, K, D_C), torch.randn(B, C, H, W)
+    with torch.no_grad():
+        keys = sm.key_proj(image)  # (B, N_h*d_h, H, W)
+        padded = F.pad(image, (1, 1, 1, 1))  # zero padding, as the conv's
+        y, x = 2, 4  # one cell: the sum over its 3x3 window of W[:, :, dy, dx] @ image[y+dy-1, x+dx-1]
+        expected = sm.key_proj.bias + sum(sm.key_proj.weight[:, :, dy, dx] @ padded[:, :, y + dy, x + dx].T
+                                          for dy in range(3) for dx in range(3)).T
+        torch.testing.assert_close(keys[:, :, y, x], expected, atol=1e-5, rtol=1e-5)
+        # a change of the image two cells away from (y, x) leaves its key alone; one cell away does not
+        far, near = image.clone(), image.clone()
+        far[:, :, y, x - 2] += 1
+        near[:, :, y, x - 1] += 1
+        assert torch.equal(sm.key_proj(far)[:, :, y, x], keys[:, :, y, x])
+        assert not torch.allclose(sm.key_proj(near)[:, :, y, x], keys[:, :, y, x])
+    assert sm(e, r, image).heatmap_logits.shape == (B, K, 4 * H, 4 * W)
+
+
+def test_even_key_kernel_is_refused():
+    import pytest
+
+    with pytest.raises(ValueError, match="key_kernel"):
+        mapper(key_kernel=2)

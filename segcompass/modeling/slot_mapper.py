@@ -4,7 +4,9 @@ Paper, Eq. (2) and (5):
     Q_k = MLP([e_k ; r_k])                                   (B, K_s, d_q)
     S   = [(Q W^Q_i)(K W^K_i)^T / sqrt(d_h)]_{i=1..N_h}      (B, N_h, K_s, h, w)
     H_k = F_map(S),  c_k = F_conf(S)
-with K the image embedding (SAM ViT-H: 256 x 64 x 64) and N_h x d_h = 4 x 64.
+with K the image embedding (SAM ViT-H: 256 x 64 x 64) and N_h x d_h = 4 x 64. W^K is a
+1x1 convolution (the paper's per-position projection) or, with `key_kernel` k > 1, a k x k
+one, so each key also sees its neighbours.
 
 F_map is a small conv head applied to each slot's N_h score maps, its output bilinearly
 upsampled by `upsample` (4: SAM's mask prompt is 4x the embedding side, 256^2 for 64^2).
@@ -33,14 +35,18 @@ class SlotMapperOutput(NamedTuple):
 class SlotMapper(nn.Module):
     def __init__(self, *, llm_dim: int, concept_dim: int, image_dim: int, query_dim: int,
                  mlp_hidden: int, num_heads: int = 4, head_dim: int = 64, map_hidden: int = 32,
-                 upsample: int = 4, confidence_uses_query: bool = True):
+                 upsample: int = 4, confidence_uses_query: bool = True, key_kernel: int = 1):
         super().__init__()
+        if key_kernel < 1 or key_kernel % 2 == 0:
+            raise ValueError(f"SlotMapper: key_kernel must be odd and >= 1, got {key_kernel}")
         self.num_heads, self.head_dim, self.upsample = num_heads, head_dim, upsample
         self.confidence_uses_query = confidence_uses_query
         self.query_mlp = nn.Sequential(nn.Linear(llm_dim + concept_dim, mlp_hidden), nn.GELU(),
                                        nn.Linear(mlp_hidden, query_dim))
         self.query_proj = nn.Linear(query_dim, num_heads * head_dim)  # W^Q_i, all heads
-        self.key_proj = nn.Conv2d(image_dim, num_heads * head_dim, kernel_size=1)  # W^K_i
+        # W^K_i; a kernel > 1 lets each key see its neighbourhood (the world SAM's cells, 8 px
+        # each, barely encode shape on their own), 1 is the paper's per-position projection
+        self.key_proj = nn.Conv2d(image_dim, num_heads * head_dim, kernel_size=key_kernel, padding=key_kernel // 2)
         self.map_head = nn.Sequential(
             nn.Conv2d(num_heads, map_hidden, 3, padding=1), nn.GELU(),
             nn.Conv2d(map_hidden, map_hidden, 3, padding=1), nn.GELU(),
