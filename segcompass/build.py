@@ -65,7 +65,9 @@ class HeadConfig:
     """Feed Q_k to the confidence head besides the pooled scores (the paper's F_conf sees S only)."""
     key_kernel: int = 1
     """Side of the slot mapper's key projection W^K over the image embedding: 1 = the paper's
-    per-position projection; 3 lets each key see its 3x3 neighbourhood of embedding cells."""
+    per-position projection; 3 lets each key see its 3x3 neighbourhood of embedding cells.
+    Measured on the world (demo policy, SAE and SAM, 500 seg steps): testA 57.4 -> 56.4 gIoU,
+    multi 57.2 -> 57.8, testB and reason unchanged at 3, so the presets keep 1."""
     sam_preset: str = "sam-vit-h"
     """SAM preset whose image embedding, prompt encoder and mask decoder the head uses."""
 
