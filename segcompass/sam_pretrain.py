@@ -132,7 +132,7 @@ def prompt_batch(samples, cfg: SamPretrainConfig, sam_cfg, generator: torch.Gene
         chosen = masks[order.repeat(cfg.prompts_per_image)[:cfg.prompts_per_image]]  # (K, 4g, 4g)
         targets.append(chosen)
         prompts.append(coarse_prompt(chosen, grid, generator, cfg.shift_probability))
-    identity = np.stack([patch_targets(s, grid)[:3] for s in samples])  # (B, 3, g, g)
+    identity = np.stack([patch_targets(s, grid, object_position=False)[:3] for s in samples])  # (B, 3, g, g)
     return PromptBatch(preprocess_images([s.image for s in samples], size).pixel_values, torch.stack(prompts),
                        torch.stack(targets), torch.from_numpy(identity).flatten(2))
 

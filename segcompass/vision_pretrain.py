@@ -94,11 +94,14 @@ class PatchBatch(NamedTuple):
 
 def patch_batch(image_processor, samples, grid: int) -> PatchBatch:
     """Pixels and per-patch labels of world samples."""
+    from segcompass.data.world_render import patch_objects
     from segcompass.word_probe import centre_cells, patch_targets
 
     pixels = image_processor([s.image for s in samples], return_tensors="pt")["pixel_values"]
-    labels = np.stack([patch_targets(s, grid)[:len(FIELDS)] for s in samples])  # (B, 3, G, G)
-    centres = np.stack([centre_cells(s, grid) for s in samples])  # (B, 2, G, G)
+    owners = [patch_objects(s.labels, grid) for s in samples]  # the costly part, once per sample
+    labels = np.stack([patch_targets(s, grid, object_position=False, owner=o)[:len(FIELDS)]
+                       for s, o in zip(samples, owners)])  # (B, 3, G, G)
+    centres = np.stack([centre_cells(s, grid, owner=o) for s, o in zip(samples, owners)])  # (B, 2, G, G)
     return PatchBatch(pixels, torch.from_numpy(labels).flatten(2), torch.from_numpy(centres).flatten(2))
 
 

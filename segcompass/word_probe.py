@@ -37,7 +37,7 @@ def probe_words() -> dict[str, list[str]]:
             "column": list(COLUMNS)}
 
 
-def patch_targets(sample, grid: int, *, object_position: bool = True) -> np.ndarray:
+def patch_targets(sample, grid: int, *, object_position: bool = True, owner: np.ndarray | None = None) -> np.ndarray:
     """(5, grid, grid) int64 labels per vision patch, fields in PROBE_FIELDS order.
 
     colour / shape / size: 0 for background, 1 + word index for the object covering most of
@@ -50,10 +50,12 @@ def patch_targets(sample, grid: int, *, object_position: bool = True) -> np.ndar
     per-patch thirds the policy had to locate the object's centre patch among them before
     it could say where the object is. Measured on a 1200-step warm start (teacher-forced
     val): the first wrong token of 15 of the 20 failing `direct` samples was a position word.
+
+    `owner`: the sample's `patch_objects(labels, grid)` when the caller already has it.
     """
     from segcompass.data.world_render import COLOURS, COLUMNS, ROWS, SHAPES, SIZES, patch_objects
 
-    owner = patch_objects(sample.labels, grid) + 1  # (G, G), 0 = background
+    owner = (patch_objects(sample.labels, grid) if owner is None else owner) + 1  # (G, G), 0 = background
     colour = np.array([0] + [1 + list(COLOURS).index(o.colour) for o in sample.objects])
     shape = np.array([0] + [1 + SHAPES.index(o.shape) for o in sample.objects])
     size = np.array([0] + [1 + list(SIZES).index(o.size) for o in sample.objects])
@@ -69,12 +71,13 @@ def patch_targets(sample, grid: int, *, object_position: bool = True) -> np.ndar
     return np.stack([colour[owner], shape[owner], size[owner], rows, cols]).astype(np.int64)
 
 
-def centre_cells(sample, grid: int) -> np.ndarray:
+def centre_cells(sample, grid: int, *, owner: np.ndarray | None = None) -> np.ndarray:
     """(2, grid, grid) int64 patch row and column holding the centre of the object that covers
-    each patch (the owner of `world_render.patch_objects`); -1 on background patches."""
+    each patch (the owner of `world_render.patch_objects`, passed as `owner` when the caller
+    already has it); -1 on background patches."""
     from segcompass.data.world_render import patch_objects
 
-    owner = patch_objects(sample.labels, grid)  # (G, G), -1 = background
+    owner = patch_objects(sample.labels, grid) if owner is None else owner  # (G, G), -1 = background
     side = sample.labels.shape[0]
     centre = np.array([[int(o.centre[1] * grid // side), int(o.centre[0] * grid // side)]
                        for o in sample.objects] + [[-1, -1]], dtype=np.int64)  # (N + 1, 2) row, col
