@@ -96,6 +96,8 @@ class Collected(NamedTuple):
     """(B, K, d_llm) float32 slot embeddings e_k (CPU)."""
     image_embeddings: Tensor
     """(B, C, h, w) float32 SAM image embeddings (CPU)."""
+    policy_image: Tensor | None
+    """(B, g*g, d_llm) float32 image-token states the slot mapper keys on (CPU), or None."""
 
     @property
     def num_slots(self) -> int:
@@ -151,6 +153,7 @@ class _BatchPart(NamedTuple):
     provenance: list[list[SlotRanking]]
     slot_embeddings: Tensor
     image_embeddings: Tensor
+    policy_image: Tensor | None
     model_masks: list[np.ndarray]
 
 
@@ -185,7 +188,8 @@ def _run_batch(model, samples: list, responses: list[str], rank_depth: int) -> _
         heatmap_probs=heat.sigmoid().cpu(), mask_probs=head.mask_logits.float().sigmoid().cpu(),
         confidences=head.confidence_logits.float().sigmoid().cpu(), slots_written=slots.slots_written.cpu(),
         provenance=provenance, slot_embeddings=slots.slot_embeddings.float().cpu(),
-        image_embeddings=embeddings.float().cpu(), model_masks=model_masks)
+        image_embeddings=embeddings.float().cpu(),
+        policy_image=None if out.policy_image is None else out.policy_image.float().cpu(), model_masks=model_masks)
 
 
 def greedy_world_responses(model, samples: Sequence, *, batch_size: int = 8, max_new_tokens: int = 96) -> list[str]:
@@ -261,7 +265,8 @@ def _assemble(model, samples: list, responses: list[str], teacher_forced: bool, 
         slots_written=torch.cat([p.slots_written for p in parts]).numpy().astype(np.int64),
         provenance=[r for p in parts for r in p.provenance],
         slot_embeddings=torch.cat([p.slot_embeddings for p in parts]),
-        image_embeddings=torch.cat([p.image_embeddings for p in parts]))
+        image_embeddings=torch.cat([p.image_embeddings for p in parts]),
+        policy_image=None if parts[0].policy_image is None else torch.cat([p.policy_image for p in parts]))
 
 
 def collect_checkpoint(checkpoint: str | Path, *, split: str = "val", n: int = 48, seed: int = 1,

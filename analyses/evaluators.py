@@ -22,16 +22,17 @@ from segcompass.matching import soft_iou
 
 @torch.no_grad()
 def slot_logits(head, codes: SparseCodes, slot_embeddings: Tensor, image_embeddings: Tensor, slot: int, *,
-                decode: bool = True) -> tuple[Tensor, Tensor | None]:
+                decode: bool = True, policy_image: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
     """(heatmap logits (4h, 4w), mask logits (4h, 4w) or None) of `slot` of one sample.
 
     The same steps as `SegCompassHead.forward` for a batch of one: codes of the sample's
-    tokens, slot_embeddings (1, K, d_llm), image_embeddings (1, C, h, w).
+    tokens, slot_embeddings (1, K, d_llm), image_embeddings (1, C, h, w), policy_image
+    (1, g*g, d_llm) when the slot mapper keys on the policy's image tokens.
     """
     index = torch.zeros(codes.n_tokens, dtype=torch.int64, device=codes.indices.device)
     cb = head.codebook(codes, index, 1)
     agg = head.aggregator(cb.tokens, cb.padding_mask)
-    mapped = head.slot_mapper(slot_embeddings, agg.concepts, image_embeddings)
+    mapped = head.slot_mapper(slot_embeddings, agg.concepts, image_embeddings, policy_image)
     heatmap = mapped.heatmap_logits[:, slot:slot + 1]  # (1, K, 4h, 4w) -> (1, 1, 4h, 4w)
     if not decode:
         return heatmap[0, 0], None
@@ -48,15 +49,16 @@ def _iou(logits: Tensor, target: Tensor, threshold: float) -> float:
 
 
 def slot_mask_evaluator(head, slot_embeddings: Tensor, image_embeddings: Tensor, target: Tensor, slot: int, *,
-                        logit_threshold: float = 0.0) -> Evaluate:
+                        logit_threshold: float = 0.0, policy_image: Tensor | None = None) -> Evaluate:
     """evaluate(codes) -> IoU of `slot`'s mask with `target` (4h, 4w) bool, decoding that slot only."""
     target = target.bool()
-    return lambda codes: _iou(slot_logits(head, codes, slot_embeddings, image_embeddings, slot)[1], target,
-                              logit_threshold)
+    return lambda codes: _iou(slot_logits(head, codes, slot_embeddings, image_embeddings, slot,
+                                          policy_image=policy_image)[1], target, logit_threshold)
 
 
 def slot_heatmap_evaluator(head, slot_embeddings: Tensor, image_embeddings: Tensor, target: Tensor, slot: int, *,
-                           soft: bool = True, logit_threshold: float = 0.0) -> Evaluate:
+                           soft: bool = True, logit_threshold: float = 0.0,
+                           policy_image: Tensor | None = None) -> Evaluate:
     """evaluate(codes) -> IoU of `slot`'s heatmap with `target` (its frame or resampled to it).
 
     Soft IoU of the heatmap probabilities by default: a heatmap still learning can stay
@@ -66,7 +68,8 @@ def slot_heatmap_evaluator(head, slot_embeddings: Tensor, image_embeddings: Tens
     target = target.bool()
 
     def evaluate(codes: SparseCodes) -> float:
-        heat = slot_logits(head, codes, slot_embeddings, image_embeddings, slot, decode=False)[0]
+        heat = slot_logits(head, codes, slot_embeddings, image_embeddings, slot, decode=False,
+                           policy_image=policy_image)[0]
         if not soft:
             return _iou(heat, target, logit_threshold)
         if heat.shape != target.shape:

@@ -204,10 +204,12 @@ def plot_faithfulness(results: Sequence[DeletionResult], *, title: str = "Concep
 
 
 def slot_mask_evaluator(head: torch.nn.Module, slot_embeddings: Tensor, image_embeddings: Tensor,
-                        target: Tensor, slot: int, *, logit_threshold: float = 0.0) -> Evaluate:
+                        target: Tensor, slot: int, *, logit_threshold: float = 0.0,
+                        policy_image: Tensor | None = None) -> Evaluate:
     """evaluate(codes) -> IoU of `slot`'s mask (logit > threshold) with `target`, for one sample.
 
-    slot_embeddings (1, K_s, d_llm), image_embeddings (1, C, h, w); target (4h, 4w) bool in
+    slot_embeddings (1, K_s, d_llm), image_embeddings (1, C, h, w), policy_image (1, g*g, d_llm)
+    or None (`SegCompassOutput.policy_image`); target (4h, 4w) bool in
     the head's mask frame (SAM's padded square; `segcompass.postprocess.targets_to_frame`).
     """
     target = target.bool()
@@ -215,7 +217,7 @@ def slot_mask_evaluator(head: torch.nn.Module, slot_embeddings: Tensor, image_em
     def evaluate(codes: SparseCodes) -> float:
         sample_index = torch.zeros(codes.n_tokens, dtype=torch.int64, device=codes.indices.device)
         with torch.no_grad():
-            out = head(codes, sample_index, slot_embeddings, image_embeddings)
+            out = head(codes, sample_index, slot_embeddings, image_embeddings, policy_image)
         pred = out.mask_logits[0, slot] > logit_threshold  # (4h, 4w)
         union = (pred | target).sum().item()
         return (pred & target).sum().item() / union if union else 1.0

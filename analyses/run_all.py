@@ -286,8 +286,10 @@ def deletion_results(model, c: Collected, items: list[FaithItem], ks, *, metric:
     for item in tqdm(items, desc=f"faithfulness ({metric})", disable=not progress):
         b = item.sample
         target = torch.from_numpy(c.model_masks[b][item.target] > 0.5).to(device)
+        policy_image = None if c.policy_image is None else c.policy_image[b:b + 1].to(device)
         evaluate = EVALUATORS[metric](model.head, c.slot_embeddings[b:b + 1].to(device),
-                                      c.image_embeddings[b:b + 1].to(device), target, item.slot)
+                                      c.image_embeddings[b:b + 1].to(device), target, item.slot,
+                                      policy_image=policy_image)
         results.append(faith.deletion_curves(evaluate, _codes_to(c.sample_codes(b), device),
                                              c.provenance[b][item.slot].atoms, ks, n_draws=n_draws,
                                              seed=seed + b, min_activation=c.threshold))

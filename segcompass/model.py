@@ -55,6 +55,8 @@ class SegCompassConfig:
     """Train the SAM vision encoder (the world's small one); pretrained ViTs stay frozen."""
     key_kernel: int = 0
     """Slot-mapper key projection side (`HeadConfig.key_kernel`); 0 = the head preset's."""
+    policy_image_keys: str = "preset"
+    """'on' / 'off': override `HeadConfig.policy_image_keys`; 'preset' = the head preset's."""
 
 
 class SegCompassOutput(NamedTuple):
@@ -66,6 +68,8 @@ class SegCompassOutput(NamedTuple):
     """SAE tokens, their samples and positions, slot embeddings."""
     codes: SparseCodes
     """SAE codes of the SAE tokens (atoms with |h| >= the codebook threshold)."""
+    policy_image: Tensor | None
+    """(B, n_image, d_llm) the image tokens' layer-L states the slot mapper keyed on, or None."""
 
 
 class SegCompass(nn.Module):
@@ -110,8 +114,21 @@ class SegCompass(nn.Module):
         slot_embeddings = slots.slot_embeddings.float()  # (B, K_s, d_llm)
         if keep_slot_embeddings is not None:
             slot_embeddings = slot_embeddings * keep_slot_embeddings.to(slot_embeddings)[:, None, None]
-        head = self.head(codes, slots.token_sample_index, slot_embeddings, image_embeddings)
-        return SegCompassOutput(head, forward, slots, codes)
+        policy_image = policy_image_tokens(forward, batch) if self.head_cfg.policy_image_keys else None
+        head = self.head(codes, slots.token_sample_index, slot_embeddings, image_embeddings, policy_image)
+        return SegCompassOutput(head, forward, slots, codes, policy_image)
+
+
+def policy_image_tokens(forward: PolicyForward, batch: ModelBatch) -> Tensor:
+    """(B, n_image, d) layer-L states of each sample's image tokens, in the vision tower's
+    raster order (every sample of a LLaVA batch has the same n_image)."""
+    from saekit.inputs import TokenType
+
+    is_image = batch.token_types.to(forward.sae_hidden.device) == int(TokenType.IMAGE)  # (B, T)
+    counts = is_image.sum(1)
+    if not bool((counts == counts[0]).all()):
+        raise ValueError(f"policy image keys need the same number of image tokens per sample, got {counts.tolist()}")
+    return forward.sae_hidden[is_image].view(len(counts), int(counts[0]), -1)  # (B*n, d) -> (B, n, d)
 
 
 def freeze_policy_up_to(policy: nn.Module, layer: int) -> None:
@@ -144,6 +161,10 @@ def build_segcompass(config: SegCompassConfig, *, policy_path: str | Path, sae_p
         raise UserError(f"sae_layer {config.sae_layer} is out of range for {policy.preset.name} "
                         f"(valid 1..{policy.preset.n_layers})")
     overrides = {"key_kernel": config.key_kernel} if config.key_kernel else {}
+    if config.policy_image_keys not in ("preset", "on", "off"):
+        raise UserError(f"policy_image_keys must be preset, on or off, got {config.policy_image_keys!r}")
+    if config.policy_image_keys != "preset":
+        overrides["policy_image_keys"] = config.policy_image_keys == "on"
     cfg = head_config(config.head_preset, d_sae=sae.d_sae, d_llm=policy.preset.d_model,
                       sam_preset=config.sam_preset, **overrides)
     sam = load_sam(config.sam_preset, sam_path, device=device) if sam_path else build_sam(config.sam_preset, seed=seed)

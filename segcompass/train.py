@@ -60,6 +60,9 @@ class TrainConfig:
     """Local folder of a pretrained SAM (facebook/sam-vit-* layout)."""
     key_kernel: int = 0
     """Side of the slot mapper's key projection (`HeadConfig.key_kernel`, odd); 0 = the head preset's."""
+    policy_image_keys: Literal["preset", "on", "off"] = "preset"
+    """Slot-mapper keys also read the policy's image tokens (`HeadConfig.policy_image_keys`):
+    'preset' = the head preset's choice (on for the world, off for the paper presets)."""
     steps: int = 900
     """Optimizer steps."""
     batch_size: int = 16
@@ -155,7 +158,8 @@ class TrainConfig:
     def model_config(self) -> SegCompassConfig:
         return SegCompassConfig(policy_preset=self.policy_preset, sae_layer=self.sae_layer,
                                 head_preset=self.head_preset, sam_preset=self.sam_preset,
-                                train_sam_encoder=self.sam_path is None, key_kernel=self.key_kernel)
+                                train_sam_encoder=self.sam_path is None, key_kernel=self.key_kernel,
+                                policy_image_keys=self.policy_image_keys)
 
     def loss_config(self) -> SegLossConfig:
         return SegLossConfig(seg_weight=self.seg_weight, conf_weight=self.conf_weight,

@@ -113,10 +113,11 @@ def test_real_head_provenance_pathway():
     dense = torch.rand(24, cfg.d_sae, generator=g) * 4 * (torch.rand(24, cfg.d_sae, generator=g) < 0.03)
     codes = SparseCodes.from_dense(dense)
     e, image = torch.randn(1, cfg.num_slots, cfg.d_llm, generator=g), torch.randn(1, 64, 16, 16, generator=g)
+    policy_image = torch.randn(1, 64, cfg.d_llm, generator=g)
     with torch.no_grad():
-        out = head(codes, torch.zeros(24, dtype=torch.int64), e, image)
+        out = head(codes, torch.zeros(24, dtype=torch.int64), e, image, policy_image)
     target = out.mask_logits[0, 0] > 0  # the head's own mask: full IoU is 1 by construction
-    evaluate = slot_mask_evaluator(head, e, image, target, slot=0)
+    evaluate = slot_mask_evaluator(head, e, image, target, slot=0, policy_image=policy_image)
     surviving = active_atoms(codes, min_activation=cfg.threshold)
     ranking = out.provenance.top_atoms(0, 0, k=len(surviving)).atoms
     assert sorted(ranking.tolist()) == surviving.tolist()

@@ -78,13 +78,14 @@ def test_rerunning_the_head_on_one_sample_reproduces_its_masks(tiny_model, colle
         codes = c.sample_codes(b)
         index = torch.zeros(codes.n_tokens, dtype=torch.int64)
         with torch.no_grad():
-            out = tiny_model.head(codes, index, c.slot_embeddings[b:b + 1], c.image_embeddings[b:b + 1])
+            out = tiny_model.head(codes, index, c.slot_embeddings[b:b + 1], c.image_embeddings[b:b + 1],
+                                  c.policy_image[b:b + 1])
         np.testing.assert_allclose(out.mask_logits[0].sigmoid().numpy(), c.mask_probs[b], atol=1e-4)
         target = torch.from_numpy(c.model_masks[b][0] > 0.5)
         pred = torch.from_numpy(c.mask_probs[b][1] > 0.5)
         iou = (pred & target).sum().item() / max((pred | target).sum().item(), 1)
         assert reference_mask_evaluator(tiny_model.head, c.slot_embeddings[b:b + 1], c.image_embeddings[b:b + 1],
-                                        target, 1)(codes) == pytest.approx(iou, abs=0.02)
+                                        target, 1, policy_image=c.policy_image[b:b + 1])(codes) == pytest.approx(iou, abs=0.02)
 
 
 def test_one_slot_evaluators_match_the_full_head(tiny_model, collected):
@@ -96,19 +97,22 @@ def test_one_slot_evaluators_match_the_full_head(tiny_model, collected):
     target = torch.from_numpy(c.model_masks[1][0] > 0.5)
     for edited in edits:
         with torch.no_grad():
-            full = tiny_model.head(edited, index, c.slot_embeddings[1:2], c.image_embeddings[1:2])
+            full = tiny_model.head(edited, index, c.slot_embeddings[1:2], c.image_embeddings[1:2], c.policy_image[1:2])
         for slot in range(c.num_slots):
-            heat, mask = slot_logits(tiny_model.head, edited, c.slot_embeddings[1:2], c.image_embeddings[1:2], slot)
+            heat, mask = slot_logits(tiny_model.head, edited, c.slot_embeddings[1:2], c.image_embeddings[1:2], slot,
+                                     policy_image=c.policy_image[1:2])
             torch.testing.assert_close(heat, full.heatmap_logits[0, slot], atol=1e-5, rtol=1e-5)
             torch.testing.assert_close(mask, full.mask_logits[0, slot], atol=1e-4, rtol=1e-4)
         args = (tiny_model.head, c.slot_embeddings[1:2], c.image_embeddings[1:2], target, 2)
-        assert slot_mask_evaluator(*args)(edited) == pytest.approx(reference_mask_evaluator(*args)(edited), abs=1e-3)
+        keys = {"policy_image": c.policy_image[1:2]}
+        assert slot_mask_evaluator(*args, **keys)(edited) == pytest.approx(
+            reference_mask_evaluator(*args, **keys)(edited), abs=1e-3)
         heat_pred = full.heatmap_logits[0, 2] > 0
         want = (heat_pred & target).sum().item() / max((heat_pred | target).sum().item(), 1)
-        assert slot_heatmap_evaluator(*args, soft=False)(edited) == pytest.approx(want)
+        assert slot_heatmap_evaluator(*args, soft=False, **keys)(edited) == pytest.approx(want)
         probs, t = full.heatmap_logits[0, 2].sigmoid(), target.float()  # soft IoU by hand
         soft = float((probs * t).sum() / (probs.sum() + t.sum() - (probs * t).sum()))
-        assert slot_heatmap_evaluator(*args)(edited) == pytest.approx(soft, rel=1e-4)
+        assert slot_heatmap_evaluator(*args, **keys)(edited) == pytest.approx(soft, rel=1e-4)
 
 
 def test_top_slot_is_the_best_matched_pair(collected):

@@ -33,7 +33,7 @@ def test_world_head_shapes_and_gradients(world):
     codes = codes_for(20, cfg.d_sae)
     sample = torch.tensor([0] * 8 + [1] * 12)
     e = torch.randn(2, cfg.num_slots, cfg.d_llm)
-    out = head(codes, sample, e, torch.randn(2, 64, 16, 16))
+    out = head(codes, sample, e, torch.randn(2, 64, 16, 16), torch.randn(2, 64, cfg.d_llm))
     k = cfg.num_slots
     assert out.heatmap_logits.shape == (2, k, 64, 64) and out.mask_logits.shape == (2, k, 64, 64)
     assert out.confidence_logits.shape == (2, k) and out.iou_pred.shape == (2, k)
@@ -42,6 +42,7 @@ def test_world_head_shapes_and_gradients(world):
     used = torch.zeros(cfg.d_sae, dtype=torch.bool)
     used[out.provenance.pair_atom] = True
     assert torch.equal(grad_rows, used)  # only surviving atoms' codebook rows learn
+    assert head.slot_mapper.policy_key[1].weight.grad.abs().sum() > 0  # the world keys read the policy's tokens
     for module in (head.aggregator, head.slot_mapper, head.mask_decoder.mask_decoder):
         assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in module.parameters())
     head.zero_grad()
@@ -52,7 +53,8 @@ def test_provenance_accounts_for_the_slot_attention(world):
     codes = codes_for(15, cfg.d_sae, seed=1)
     sample = torch.tensor([1, 0] * 7 + [1])
     with torch.no_grad():
-        out = head(codes, sample, torch.randn(2, cfg.num_slots, cfg.d_llm), torch.randn(2, 64, 16, 16))
+        out = head(codes, sample, torch.randn(2, cfg.num_slots, cfg.d_llm), torch.randn(2, 64, 16, 16),
+                   torch.randn(2, 64, cfg.d_llm))
     prov = out.provenance
     assert prov.pair_slot_weight.shape == (len(prov.pair_atom), cfg.num_slots)
     assert torch.equal(prov.pair_sample, sample[prov.pair_token])
@@ -74,7 +76,7 @@ def test_head_rejects_wrong_slot_count(world):
     cfg, head = world
     with pytest.raises(ValueError, match="slot"):
         head(codes_for(3, cfg.d_sae), torch.zeros(3, dtype=torch.int64),
-             torch.randn(1, cfg.num_slots + 1, cfg.d_llm), torch.randn(1, 64, 16, 16))
+             torch.randn(1, cfg.num_slots + 1, cfg.d_llm), torch.randn(1, 64, 16, 16), torch.randn(1, 64, cfg.d_llm))
 
 
 def test_paper_dimensions():

@@ -80,3 +80,37 @@ def test_even_key_kernel_is_refused():
 
     with pytest.raises(ValueError, match="key_kernel"):
         mapper(key_kernel=2)
+
+
+def test_policy_image_keys_add_a_resized_projection_of_the_policy_tokens():
+    sm = mapper(policy_dim=D_LLM)
+    e, r, image = torch.randn(B, K, D_LLM), torch.randn(B, K, D_C), torch.randn(B, C, 8, 8)
+    tokens = torch.randn(B, 16, D_LLM)  # a 4 x 4 grid of policy image tokens, raster order
+    with torch.no_grad():
+        keys = sm.keys(image, tokens)  # (B, N_h*d_h, 8, 8)
+        # slow reference: project each token on its own, lay the 4 x 4 grid out by hand, resize
+        norm, proj = sm.policy_key
+        grid = torch.zeros(B, HEADS * DH, 4, 4)
+        for b in range(B):
+            for i in range(16):
+                grid[b, :, i // 4, i % 4] = proj(norm(tokens[b, i]))
+        expected = sm.key_proj(image) + F.interpolate(grid, size=(8, 8), mode="bilinear", align_corners=False)
+        torch.testing.assert_close(keys, expected, atol=1e-5, rtol=1e-5)
+        # top-left token moves the top-left keys only, not the bottom-right ones
+        moved = tokens.clone()
+        moved[:, 0] += 3
+        changed = (sm.keys(image, moved) - keys).abs().sum(1)  # (B, 8, 8)
+        assert changed[:, 0, 0].min() > 0 and changed[:, 7, 7].max() == 0
+    out = sm(e, r, image, tokens)
+    assert out.heatmap_logits.shape == (B, K, 32, 32)
+
+
+def test_policy_image_keys_refuse_missing_or_non_square_tokens():
+    import pytest
+
+    sm = mapper(policy_dim=D_LLM)
+    e, r, image = torch.randn(B, K, D_LLM), torch.randn(B, K, D_C), torch.randn(B, C, H, W)
+    with pytest.raises(ValueError, match="image tokens"):
+        sm(e, r, image)
+    with pytest.raises(ValueError, match="square grid"):
+        sm(e, r, image, torch.randn(B, 12, D_LLM))

@@ -122,8 +122,33 @@ def test_slot_embedding_dropout_zeroes_only_the_dropped_samples(pieces):
         plain = model(batch.model_batch, embeddings)
         dropped = model(batch.model_batch, embeddings, torch.tensor([True, False]))
         zero_e = model.head(plain.codes, plain.slots.token_sample_index,
-                            torch.zeros_like(plain.slots.slot_embeddings.float()), embeddings)
+                            torch.zeros_like(plain.slots.slot_embeddings.float()), embeddings, plain.policy_image)
     torch.testing.assert_close(dropped.head.heatmap_logits[0], plain.head.heatmap_logits[0])
     torch.testing.assert_close(dropped.head.heatmap_logits[1], zero_e.heatmap_logits[1])
     torch.testing.assert_close(dropped.head.confidence_logits[1], zero_e.confidence_logits[1])
     assert not torch.allclose(dropped.head.heatmap_logits[1], plain.head.heatmap_logits[1])
+
+
+def test_policy_image_keys_are_the_layer_l_image_token_states(pieces):
+    """The world head keys on the image tokens' layer-L states (those the SAE reads), taken from
+    the same single policy pass; --policy-image-keys off gives the paper's SAM-only keys."""
+    from saekit.inputs import TokenType
+    from segcompass.batching import seg_batch
+    from segcompass.model import build_segcompass
+
+    cfg = _cfg(pieces, pieces / "unused")
+    torch.manual_seed(0)
+    model = build_segcompass(cfg.model_config(), policy_path=cfg.policy, sae_path=cfg.sae).eval()
+    batch = seg_batch(model, "train", 2, seed=0, start=0)
+    with torch.no_grad():
+        out = model(batch.model_batch, model.image_embeddings(batch.images))
+        hidden = model.policy(**batch.model_batch.model_inputs, output_hidden_states=True).hidden_states
+    is_image = batch.model_batch.token_types == int(TokenType.IMAGE)  # (B, T)
+    assert model.head_cfg.policy_image_keys and out.policy_image.shape == (2, 16, 32)  # 4 x 4 grid, d 32
+    for b in range(2):
+        torch.testing.assert_close(out.policy_image[b], hidden[cfg.sae_layer][b][is_image[b]])
+    plain = build_segcompass(dataclasses.replace(cfg, policy_image_keys="off").model_config(),
+                             policy_path=cfg.policy, sae_path=cfg.sae).eval()
+    assert not plain.head_cfg.policy_image_keys and not hasattr(plain.head.slot_mapper, "policy_key")
+    with torch.no_grad():
+        assert plain(batch.model_batch, plain.image_embeddings(batch.images)).policy_image is None

@@ -97,9 +97,10 @@ class SegCompassHead(nn.Module):
         return self.aggregator.num_slots
 
     def forward(self, codes: SparseCodes, token_sample_index: Tensor, slot_embeddings: Tensor,
-                image_embeddings: Tensor) -> HeadOutput:
+                image_embeddings: Tensor, policy_image: Tensor | None = None) -> HeadOutput:
         """codes over all tokens of B samples, token_sample_index (n_tokens,) in [0, B),
-        slot_embeddings e (B, K_s, d_llm), image_embeddings (B, C, h, w) -> HeadOutput."""
+        slot_embeddings e (B, K_s, d_llm), image_embeddings (B, C, h, w), policy_image
+        (B, g*g, d_llm) the policy's image tokens (read only if the slot mapper keys on them)."""
         batch, slots, _ = slot_embeddings.shape
         if slots != self.num_slots:
             raise ValueError(f"got {slots} slot embeddings per sample, the head has {self.num_slots} slots")
@@ -107,7 +108,7 @@ class SegCompassHead(nn.Module):
             raise ValueError(f"{image_embeddings.shape[0]} image embeddings for {batch} samples")
         cb = self.codebook(codes, token_sample_index, batch)
         agg = self.aggregator(cb.tokens, cb.padding_mask)
-        mapped = self.slot_mapper(slot_embeddings, agg.concepts, image_embeddings)
+        mapped = self.slot_mapper(slot_embeddings, agg.concepts, image_embeddings, policy_image)
         decoded = self.mask_decoder(mapped.heatmap_logits, image_embeddings)
         length = cb.tokens.shape[1]
         # (B, K, L) -> (B*L, K): each pair reads its codebook token's column.
