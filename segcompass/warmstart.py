@@ -56,8 +56,8 @@ class WarmstartConfig:
     building the batch on one CPU thread dominates). Single-target accuracy on val is bound by
     steps: with 950 stage-0 steps, 1200 steps gave 59.3% (seed 0) and 60.4% (seed 1) on 2 CPU
     cores and 58.9% on an H200 (seed 0); with 1500 stage-0 steps, 2400 steps gave 73.9% (seed 0)
-    and 75.4% (seed 1), 3200 steps 86.7% (seed 0; all three on the H200) and 77.9% (seed 0,
-    2 CPU cores, 26 min with stage 0: the two devices diverge numerically). That is 26 min
+    and 75.4% (seed 1), 3200 steps 86.7% (seed 0; all three on the H200), and on 2 CPU cores
+    77.9% (seed 0, 26 min with stage 0; the devices diverge numerically) and 75.4% (seed 1). That is 26 min
     instead of the 10 the data issue asks for; --steps 1200 --vision-steps 950 is the
     13-minute recipe."""
     batch_size: int = 32
