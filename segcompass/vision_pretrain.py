@@ -23,11 +23,14 @@ slowed) while the LLM learns to read it.
 
 from __future__ import annotations
 
+import functools
 from typing import NamedTuple
 
 import numpy as np
 import torch
 from torch import nn
+
+from segcompass.prefetch import step_batches
 
 FIELDS: tuple[str, ...] = ("colour", "shape", "size")
 """What each patch is classified into (each with a background class 0); `word_probe.PROBE_FIELDS[:3]`."""
@@ -133,15 +136,24 @@ def patch_accuracy(vision_tower, heads, pixels: torch.Tensor, labels: torch.Tens
     return accuracy
 
 
+def _step_batch(image_processor, batch_size: int, grid: int, seed: int, step: int) -> PatchBatch:
+    """Batch `step`: world `train` samples step*batch .. (step+1)*batch - 1."""
+    from segcompass.data.world import make_sample
+
+    return patch_batch(image_processor, [make_sample("train", step * batch_size + i, seed)
+                                         for i in range(batch_size)], grid)
+
+
 def pretrain_vision_tower(loaded, *, steps: int, batch_size: int, lr: float, grid: int, seed: int,
                           device: torch.device, progress: bool = True, position_weight: float = 1.0,
-                          centre_weight: float = 0.0) -> VisionPretrainResult:
+                          centre_weight: float = 0.0, data_workers: int = 0) -> VisionPretrainResult:
     """Train `loaded.model`'s vision tower in place on per-patch colour/shape/size labels
     plus `position_weight` x the patch row/column loss (0 = content only) plus `centre_weight`
     x the loss of CENTRE_FIELDS (0 = off).
 
     Batch s holds world `train` samples s*batch .. (s+1)*batch - 1; accuracy is measured on
     256 `val` samples. Seeded: the heads from `seed`, the data from the world seed `seed`.
+    `data_workers` > 0 builds batches ahead in that many processes (same batches).
     """
     from tqdm.auto import tqdm
 
@@ -160,9 +172,8 @@ def pretrain_vision_tower(loaded, *, steps: int, batch_size: int, lr: float, gri
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=max(steps, 1), pct_start=0.1)
     tower.train()
     bar = tqdm(range(steps), desc="vision tower", disable=not progress)
-    for step in bar:
-        samples = [make_sample("train", step * batch_size + i, seed) for i in range(batch_size)]
-        batch = patch_batch(loaded.image_processor, samples, grid)
+    build = functools.partial(_step_batch, loaded.image_processor, batch_size, grid, seed)
+    for step, batch in zip(bar, step_batches(build, 0, steps, data_workers)):
         features = vision_features(tower, batch.pixels.to(device))  # (B, P, D)
         loss = patch_loss(heads, features, batch.labels.to(device))
         if position_heads is not None:
