@@ -37,11 +37,12 @@ def _as_is(batch):
 
 
 def resolve_workers(workers: int, device: torch.device) -> int:
-    """-1 = auto: 0 on CPU (the workers would take cores from the forward pass), else 4."""
+    """-1 = auto: 4 on CUDA, else 0 (on CPU the workers would take cores from the forward pass;
+    elsewhere, e.g. macOS with MPS, forking a process that runs the accelerator is unsafe)."""
     if workers < -1:
         raise ValueError(f"data workers must be >= -1 (-1 = auto), got {workers}")
     if workers == -1:
-        return 0 if device.type == "cpu" else 4
+        return 4 if device.type == "cuda" else 0
     return workers
 
 

@@ -54,14 +54,12 @@ class WarmstartConfig:
     n_train: int = 0
     """Distinct `train` samples, cycled; 0 = steps × batch_size (every sample new)."""
     steps: int = 3200
-    """Optimizer steps of the LLM stage (~0.4-0.5 s each on 2 idle cores, ~0.13 s on a GPU, where
-    building the batch on one CPU thread dominates). Single-target accuracy on val is bound by
-    steps: with 950 stage-0 steps, 1200 steps gave 59.3% (seed 0) and 60.4% (seed 1) on 2 CPU
-    cores and 58.9% on an H200 (seed 0); with 1500 stage-0 steps, 2400 steps gave 73.9% (seed 0)
-    and 75.4% (seed 1), 3200 steps 86.7% (seed 0; all three on the H200), and on 2 CPU cores
-    77.9% (seed 0, 26 min with stage 0; the devices diverge numerically) and 75.4% (seed 1). That is 26 min
-    instead of the 10 the data issue asks for; --steps 1200 --vision-steps 950 is the
-    13-minute recipe."""
+    """Optimizer steps of the LLM stage (~0.44 s each on 2 idle cores; ~0.13 s on an H200, where
+    building the batch dominates). Single-target val accuracy is bound by steps: 1200 steps
+    (950 stage-0) gave 59.3 / 60.4% (seeds 0 / 1, CPU) and 58.9% (H200); 2400 (1500 stage-0)
+    73.9 / 75.4% (H200); 3200 86.7% (H200, seed 0), 77.9 / 75.4% (CPU, seeds 0 / 1; the devices
+    diverge numerically). On 2 cores the run takes 26-28 min, not the 10 the data issue asks
+    for; --steps 1200 --vision-steps 950 is the 13-minute recipe."""
     batch_size: int = 32
     """Samples per step."""
     caption_fraction: float = 0.25
@@ -154,7 +152,7 @@ class WarmstartConfig:
     """torch CPU threads; 0 = all cores."""
     data_workers: int = -1
     """Processes that build the next steps' batches while one trains (`segcompass.prefetch`);
-    -1 = auto (0 on CPU, 4 on a GPU). Same batches, same result, any number."""
+    -1 = auto (4 on CUDA, else 0). Same batches, same result, any number."""
     device: str = "auto"
     """'auto' (cuda when available), 'cpu', 'cuda', ..."""
 

@@ -28,7 +28,9 @@ def test_workers_yield_the_inline_batches_in_order():
 def test_teacher_batches_from_workers_equal_inline_ones(tmp_path):
     cfg = WarmstartConfig(out=tmp_path, steps=6, **TINY)
     build = functools.partial(_step_batch, cfg, build_policy(cfg))
-    for a, b in zip(step_batches(build, 2, 6, 0), step_batches(build, 2, 6, 2)):
+    inline, ahead = list(step_batches(build, 2, 6, 0)), list(step_batches(build, 2, 6, 2))
+    assert len(inline) == len(ahead) == 4
+    for a, b in zip(inline, ahead):
         assert a.model_inputs.keys() == b.model_inputs.keys()
         for key in a.model_inputs:
             assert torch.equal(a.model_inputs[key], b.model_inputs[key]), key
@@ -49,6 +51,7 @@ def test_warm_start_with_workers_trains_the_same_weights(tmp_path):
 def test_auto_workers_only_off_the_cpu():
     assert resolve_workers(-1, torch.device("cpu")) == 0
     assert resolve_workers(-1, torch.device("cuda")) == 4
+    assert resolve_workers(-1, torch.device("mps")) == 0
     assert resolve_workers(3, torch.device("cpu")) == 3
     with pytest.raises(ValueError, match="-2"):
         resolve_workers(-2, torch.device("cpu"))
