@@ -16,6 +16,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Literal, NamedTuple
 
+import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
@@ -24,7 +25,8 @@ from saekit.atomic import (atomic_directory, atomic_write_json, load_optimizer_s
                            optimizer_state_tensors, resolve_directory)
 from saekit.errors import UserError
 from saekit.models import resolve_device
-from segcompass.batching import SegBatch, seg_batch
+from segcompass.batching import SegBatch, batch_from_samples
+from segcompass.data.world import WorldSample, hallucinated_sample, iter_samples
 from segcompass.losses import SegLossConfig, SegLossOutput, segmentation_loss
 from segcompass.model import (SegCompass, SegCompassConfig, build_segcompass, load_segcompass,
                               save_segcompass, write_checkpoint)
@@ -101,6 +103,12 @@ class TrainConfig:
     ignore r_k and the atoms the provenance names have no causal effect on the mask. 0 = off.
     Measured on the world at 0.5 (500 steps): testA 44.6 -> 35.5 gIoU and top-5 atom deletion
     still changed IoU by < 0.001, so it stays off by default."""
+    hallucination_share: float = 0.0
+    """Probability, per training sample and step, that it is replaced by its hallucinated twin
+    (`world.hallucinated_sample`): the same image under a no-target instruction whose chain of
+    thought names an absent object as if it were there, with no targets. The head then learns
+    to check the object the reasoning names against the image, so a policy that misses an
+    absence can still get an empty mask (N-acc). Not in the paper; mode seg only. 0 = off."""
     seed: int = 0
     """Seeds the head's initialisation, the data order and torch's RNG."""
     log_every: int = 10
@@ -146,6 +154,8 @@ class TrainConfig:
             raise UserError(f"train: --policy-lr-mult must be > 0, got {self.policy_lr_mult}")
         if self.key_kernel < 0 or (self.key_kernel and self.key_kernel % 2 == 0):
             raise UserError(f"train: --key-kernel must be 0 (the preset's) or odd, got {self.key_kernel}")
+        if not 0 <= self.hallucination_share <= 1:
+            raise UserError(f"train: --hallucination-share must lie in [0, 1], got {self.hallucination_share}")
         if not 0 <= self.slot_embedding_dropout < 1:
             raise UserError(f"train: --slot-embedding-dropout must lie in [0, 1), got {self.slot_embedding_dropout}")
         if self.lr <= 0 or not 0 < self.pct_start < 1:
@@ -208,6 +218,18 @@ def slot_embedding_keep(cfg: TrainConfig, step: int, batch_size: int) -> torch.T
     return torch.rand(batch_size, generator=generator) >= cfg.slot_embedding_dropout
 
 
+def step_samples(cfg: TrainConfig, step: int) -> list[WorldSample]:
+    """World `train` samples step*B .. step*B + B-1, each replaced by its hallucinated twin with
+    probability `hallucination_share` (own generator keyed by seed and step: resumable, and
+    torch's RNG untouched)."""
+    samples = list(iter_samples("train", cfg.batch_size, cfg.seed, step * cfg.batch_size))
+    if cfg.hallucination_share == 0:
+        return samples
+    rng = np.random.default_rng([cfg.seed, step, 0x4A11])
+    swap = rng.random(len(samples)) < cfg.hallucination_share  # (B,)
+    return [(hallucinated_sample(s, rng) or s) if flip else s for s, flip in zip(samples, swap)]
+
+
 def seg_step(model: SegCompass, batch: SegBatch, loss_cfg: SegLossConfig,
              keep_slot_embeddings: torch.Tensor | None = None) -> StepResult:
     """Forward one batch and compute the segmentation loss (no backward)."""
@@ -252,7 +274,7 @@ def train(cfg: TrainConfig, *, progress: bool = True, stop_after: int | None = N
     bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, desc="seg train",
                disable=not progress)
     for step in bar:
-        batch = seg_batch(model, "train", cfg.batch_size, seed=cfg.seed, start=step * cfg.batch_size)
+        batch = batch_from_samples(model, step_samples(cfg, step))
         t0 = time.perf_counter()
         result = seg_step(model, batch, loss_cfg, slot_embedding_keep(cfg, step, cfg.batch_size))
         optimizer.zero_grad(set_to_none=True)

@@ -152,3 +152,21 @@ def test_policy_image_keys_are_the_layer_l_image_token_states(pieces):
     assert not plain.head_cfg.policy_image_keys and not hasattr(plain.head.slot_mapper, "policy_key")
     with torch.no_grad():
         assert plain(batch.model_batch, plain.image_embeddings(batch.images)).policy_image is None
+
+
+def test_hallucination_share_swaps_samples_deterministically(pieces, tmp_path):
+    from segcompass.data.world import iter_samples
+    from segcompass.train import step_samples
+
+    plain = _cfg(pieces, tmp_path)
+    base = [s.sample_id for s in iter_samples("train", plain.batch_size, plain.seed, 3 * plain.batch_size)]
+    assert [s.sample_id for s in step_samples(plain, 3)] == base
+    every = dataclasses.replace(plain, batch_size=8, hallucination_share=1.0)
+    swapped = step_samples(every, 3)
+    assert all(s.template_id.startswith("hallucinated/") and s.targets == () for s in swapped)
+    assert [s.cot for s in step_samples(every, 3)] == [s.cot for s in swapped]  # keyed by (seed, step)
+    half = [s.template_id.startswith("hallucinated/")
+            for step in range(20) for s in step_samples(dataclasses.replace(every, hallucination_share=0.5), step)]
+    assert 0.35 < sum(half) / len(half) < 0.65
+    with pytest.raises(Exception, match="hallucination-share"):
+        dataclasses.replace(plain, hallucination_share=1.5)

@@ -254,3 +254,26 @@ def test_prompt_does_not_reveal_whether_a_target_exists(samples, monkeypatch):
         again = make_sample("train", int(s.sample_id.rsplit("-", 1)[1]), seed=0)
         assert again.image.tobytes() == s.image.tobytes() and again.instruction == s.instruction
         assert again.multi_prompt == (s.family in ("multi", "no_target"))
+
+
+def test_hallucinated_samples_name_an_absent_object_and_have_no_target():
+    from segcompass.data.world import hallucinated_sample
+    from segcompass.data.world_language import HALLUCINATIONS
+
+    seen = set()
+    for index in range(40):
+        sample = make_sample("train", index, seed=0)
+        twin = hallucinated_sample(sample, np.random.default_rng([0, index]))
+        again = hallucinated_sample(sample, np.random.default_rng([0, index]))
+        assert twin is not None and (twin.instruction, twin.cot) == (again.instruction, again.cot)
+        seen.add(twin.template_id)
+        named = parse_answer(twin.cot)
+        present = {(o.colour, o.shape) for o in sample.objects}
+        assert named and not present & set(named), (twin.instruction, twin.cot)  # names something, all absent
+        assert twin.targets == () and twin.target_masks.shape == (0, *sample.image.shape[:2])
+        assert twin.multi_prompt and twin.family == "no_target" and twin.image is sample.image
+        assert twin.cot.startswith(f"the instruction asks for {twin.instruction} .")
+        # near misses: each named object shares its colour or its shape with one in the scene
+        assert all(c in {o.colour for o in sample.objects} or s in {o.shape for o in sample.objects}
+                   for c, s in named)
+    assert seen == set(HALLUCINATIONS)

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import os
+import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator, Literal, Sequence
@@ -25,12 +26,13 @@ import numpy as np
 
 from saekit.errors import UserError
 from segcompass.data.sample import SegSample
-from segcompass.data.world_language import FAMILIES, TEMPLATES, Template, answer_line, phrasing_of, vocabulary
+from segcompass.data.world_language import (FAMILIES, HALLUCINATIONS, TEMPLATES, Template, answer_line, phrasing_of,
+                                            vocabulary)
 from segcompass.data.world_render import (COLOURS, IMAGE_SIZE, SHAPES, SIZES, Placement, WorldObject,
                                           instance_masks, layout, render, scene_objects)
 
 __all__ = ["SPLITS", "SplitSpec", "WorldObject", "WorldSample", "answer_line", "export_jsonl", "export_png",
-           "generate", "iter_samples", "make_sample", "phrasing_of", "sample_text", "world_vocabulary"]
+           "generate", "hallucinated_sample", "iter_samples", "make_sample", "phrasing_of", "sample_text", "world_vocabulary"]
 
 Split = Literal["train", "val", "testA", "testB", "multi", "reason"]
 
@@ -262,6 +264,24 @@ def _spec(split: str) -> SplitSpec:
     if split not in SPLITS:
         raise UserError(f"unknown world split {split!r}; choose one of {', '.join(SPLITS)}")
     return SPLITS[split]
+
+
+def hallucinated_sample(sample: WorldSample, rng: np.random.Generator) -> WorldSample | None:
+    """`sample`'s image under a no-target instruction whose chain of thought names an absent
+    object as if it were there (`world_language.HALLUCINATIONS`), with no targets: what a
+    policy writes when it misses an absence, paired with the truth. For training the head
+    to check the named object against the image; None when no builder applies to the scene."""
+    ids = list(HALLUCINATIONS)
+    first = int(rng.integers(len(ids)))
+    for template_id in ids[first:] + ids[:first]:
+        ref = HALLUCINATIONS[template_id](sample.objects, rng)
+        if ref is not None:
+            height, width = sample.image.shape[:2]
+            return dataclasses.replace(sample, sample_id=f"{sample.sample_id}-hallucinated",
+                                       instruction=ref.instruction, family="no_target", template_id=template_id,
+                                       targets=(), cot=ref.cot, multi_prompt=True,
+                                       target_masks=np.zeros((0, height, width), dtype=bool))
+    return None
 
 
 def iter_samples(split: str, n: int, seed: int = 0, start: int = 0) -> Iterator[WorldSample]:

@@ -299,6 +299,43 @@ def _absent_relation(objects, rng):
                 f"the {anchor.name} is at {anchor.position} .", f"there is no shape {relation} it .")
 
 
+# ----------------------------------------------------------------------------- hallucinations
+# Training data for the head, never instructions of a split: a no-target instruction paired
+# with the chain of thought of a policy that wrongly finds its referent. The targets stay
+# empty (the truth), so a head trained on these learns to check the object a chain of
+# thought names against the image rather than trust the text.
+
+def _hallucinated_pair(objects, rng):
+    """'the C S' (absent, a near miss) with 'the C S is at P . target : C S .'"""
+    ref = _absent_pair(objects, rng)
+    if ref is None:
+        return None
+    name = ref.instruction.removeprefix("the ")
+    position = f"{_pick(list(ROWS), rng)} {_pick(list(COLUMNS), rng)}"
+    cot = " ".join([_asks(ref.instruction), f"the {name} is at {position} .", f"target : {name} ."])
+    return Reference(ref.instruction, (), cot)
+
+
+def _hallucinated_colour(objects, rng):
+    """'all the C objects' (none present) listing one or two C objects of shapes in the scene."""
+    colour = _pick([c for c in COLOURS if all(o.colour != c for o in objects)], rng)
+    if colour is None:
+        return None
+    # near misses: shapes that are in the scene, in another colour
+    present = sorted({o.shape for o in objects}, key=SHAPES.index)
+    picked = sorted(rng.permutation(len(present))[:int(rng.integers(1, 3))])
+    names = [f"{colour} {present[i]}" for i in picked]
+    instruction = f"all the {colour} objects"
+    listing = " and ".join(f"the {n}" for n in names)
+    answer = f"target : {names[0]} ." if len(names) == 1 else "targets : " + " , ".join(names) + " ."
+    return Reference(instruction, (), " ".join([_asks(instruction), f"the {colour} objects are {listing} .", answer]))
+
+
+HALLUCINATIONS: dict[str, Builder] = {"hallucinated/colour_shape": _hallucinated_pair,
+                                      "hallucinated/all_colour": _hallucinated_colour}
+"""Template id -> builder of a hallucinated chain of thought (`world.hallucinated_sample`)."""
+
+
 # ----------------------------------------------------------------------------- held-out builders
 
 def _colour_spatial(objects, rng):
