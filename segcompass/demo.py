@@ -65,6 +65,8 @@ class DemoConfig:
 
 
 EVAL_SPLITS = ("val", "testA", "testB", "multi", "reason")
+REASONING_JSON = "reasoning_to_mask.json"
+"""`analyses.reasoning_to_mask` output in the analyses folder (the evaluation's masks vs its CoTs)."""
 
 
 def _stage(name: str, done: bool) -> bool:
@@ -175,6 +177,13 @@ def _analyses(cfg: DemoConfig, out: Path, checkpoint: Path) -> dict:
                 faith_items=8 if cfg.quick else 24, progress=True)
     summary = json.loads((out / SUMMARY_FILE).read_text())
     print("acceptance (issue 6):", json.dumps(summary["acceptance"], indent=1))
+    if _stage("does the mask follow the reasoning? (eval predictions judged)", (out / REASONING_JSON).is_file()):
+        from analyses.reasoning_to_mask import write_reasoning_report
+
+        write_reasoning_report(out.parent / "eval", out)
+    reasoning = json.loads((out / REASONING_JSON).read_text())
+    print("mask vs reasoning:", json.dumps(reasoning, indent=1))
+    summary["files"]["reasoning_to_mask"] = {"png": REASONING_JSON.replace(".json", ".png")}
     return summary
 
 

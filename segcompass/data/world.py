@@ -32,7 +32,8 @@ from segcompass.data.world_render import (COLOURS, IMAGE_SIZE, SHAPES, SIZES, Pl
                                           instance_masks, layout, render, scene_objects)
 
 __all__ = ["SPLITS", "SplitSpec", "WorldObject", "WorldSample", "answer_line", "export_jsonl", "export_png",
-           "generate", "hallucinated_sample", "iter_samples", "make_sample", "phrasing_of", "sample_text", "world_vocabulary"]
+           "generate", "hallucinated_sample", "iter_samples", "make_sample", "phrasing_of", "sample_from_id",
+           "sample_text", "world_vocabulary"]
 
 Split = Literal["train", "val", "testA", "testB", "multi", "reason"]
 
@@ -282,6 +283,15 @@ def hallucinated_sample(sample: WorldSample, rng: np.random.Generator) -> WorldS
                                        targets=(), cot=ref.cot, multi_prompt=True,
                                        target_masks=np.zeros((0, height, width), dtype=bool))
     return None
+
+
+def sample_from_id(sample_id: str) -> WorldSample:
+    """The sample whose `sample_id` ('<split>-<seed>-<index>') is given, regenerated."""
+    try:
+        split, seed, index = sample_id.rsplit("-", 2)
+        return make_sample(split, int(index), int(seed))
+    except ValueError as error:
+        raise UserError(f"world: {sample_id!r} is not a world sample id ('<split>-<seed>-<index>'): {error}") from None
 
 
 def iter_samples(split: str, n: int, seed: int = 0, start: int = 0) -> Iterator[WorldSample]:
