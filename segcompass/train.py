@@ -156,6 +156,9 @@ class TrainConfig:
             raise UserError(f"train: --key-kernel must be 0 (the preset's) or odd, got {self.key_kernel}")
         if not 0 <= self.hallucination_share <= 1:
             raise UserError(f"train: --hallucination-share must lie in [0, 1], got {self.hallucination_share}")
+        if self.hallucination_share and self.mode != "seg":
+            raise UserError(f"train: --hallucination-share is for --mode seg (GRPO trains on the policy's own "
+                            f"rollouts), got --mode {self.mode}")
         if not 0 <= self.slot_embedding_dropout < 1:
             raise UserError(f"train: --slot-embedding-dropout must lie in [0, 1), got {self.slot_embedding_dropout}")
         if self.lr <= 0 or not 0 < self.pct_start < 1:

@@ -170,3 +170,5 @@ def test_hallucination_share_swaps_samples_deterministically(pieces, tmp_path):
     assert 0.35 < sum(half) / len(half) < 0.65
     with pytest.raises(Exception, match="hallucination-share"):
         dataclasses.replace(plain, hallucination_share=1.5)
+    with pytest.raises(Exception, match="hallucination-share is for --mode seg"):
+        dataclasses.replace(plain, mode="rl+seg", hallucination_share=0.2)
