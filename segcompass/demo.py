@@ -51,7 +51,8 @@ class DemoConfig:
     val 49.0 -> 51.2, multi 55.7 -> 58.9 gIoU (N-acc 90 -> 100), testA / testB / reason unchanged."""
     hallucination_share: float = 0.0
     """`segcompass train --hallucination-share`: share of training samples replaced by a
-    no-target instruction whose chain of thought names an absent object (`world.hallucinated_sample`)."""
+    no-target instruction whose chain of thought names an absent object (`world.hallucinated_sample`).
+    Mode seg only (the GRPO modes train on the policy's own rollouts)."""
     eval_samples: int = 200
     """Samples per evaluation split."""
     seed: int = 0
@@ -157,7 +158,8 @@ def _segcompass(cfg: DemoConfig, out: Path, policy_dir: Path, sae_dir: Path, sam
     if _stage(f"SegCompass training (mode {cfg.mode})", (final / "segcompass.json").is_file()):
         train(TrainConfig(policy=policy_dir, sae=sae_dir, sam_path=sam_dir, out=out, sae_layer=cfg.sae_layer,
                           mode=cfg.mode, steps=cfg.seg_steps, heatmap_dice_weight=cfg.heatmap_dice_weight,
-                          hallucination_share=cfg.hallucination_share, seed=cfg.seed))
+                          hallucination_share=cfg.hallucination_share if cfg.mode == "seg" else 0.0,
+                          seed=cfg.seed))
     return final
 
 
