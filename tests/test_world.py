@@ -277,3 +277,17 @@ def test_hallucinated_samples_name_an_absent_object_and_have_no_target():
         assert all(c in {o.colour for o in sample.objects} or s in {o.shape for o in sample.objects}
                    for c, s in named)
     assert seen == set(HALLUCINATIONS)
+
+
+def test_template_weights_shift_the_draw_within_a_family():
+    import collections
+
+    from segcompass.data.world import SplitSpec
+
+    counts = collections.Counter(s.template_id for s in generate("train", 1500, seed=0) if s.family == "no_target")
+    ratio = counts["no_target/shape_rel"] / ((counts["no_target/colour_shape"] + counts["no_target/all_colour"]) / 2)
+    assert 1.5 < ratio < 2.7, counts  # train weights shape_rel 2 : 1 : 1
+    with pytest.raises(ValueError, match="unknown template ids"):
+        SplitSpec(9, (2, 3), (0.3, 0.4, 0.3), 0.8, 0.5, {"direct": 1.0}, template_weights={"direct/nope": 2.0})
+    with pytest.raises(ValueError, match="must be > 0"):
+        SplitSpec(9, (2, 3), (0.3, 0.4, 0.3), 0.8, 0.5, {"direct": 1.0}, template_weights={"direct/colour_shape": 0})
