@@ -108,7 +108,10 @@ class TrainConfig:
     (`world.hallucinated_sample`): the same image under a no-target instruction whose chain of
     thought names an absent object as if it were there, with no targets. The head then learns
     to check the object the reasoning names against the image, so a policy that misses an
-    absence can still get an empty mask (N-acc). Not in the paper; mode seg only. 0 = off."""
+    absence can still get an empty mask (N-acc). Not in the paper; mode seg only. 0 = off.
+    Measured on the demo's pieces (1000 steps): at 0.15 multi N-acc 68.9 -> 73.8 but gIoU
+    66.7 -> 65.5 and testA 81.5 -> 80.5; the policy almost never names an absent object (its
+    N-acc misses name present ones), so it stays off."""
     seed: int = 0
     """Seeds the head's initialisation, the data order and torch's RNG."""
     log_every: int = 10

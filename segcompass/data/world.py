@@ -15,9 +15,9 @@ sample can be regenerated alone. Within a scene no two objects share colour AND 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
-import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator, Literal, Sequence
