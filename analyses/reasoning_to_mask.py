@@ -16,6 +16,7 @@ world sample from its id, and judges the policy's chain of thought against the t
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -24,7 +25,7 @@ import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 
-from analyses.plotting import GROUP_COLOURS, label_axes, new_figure, write_outputs
+from analyses.plotting import GROUP_COLOURS, label_axes, new_figure, write_csv, write_outputs
 
 CONCLUSIONS = ("none", "named absent", "named present", "unparsed")
 """What a no-target sample's chain of thought concluded (`conclusion`)."""
@@ -80,6 +81,13 @@ def no_target_table(judged: pd.DataFrame) -> pd.DataFrame:
     return counts.rename("count").reset_index()
 
 
+def conclusion_totals(no_target: pd.DataFrame) -> dict[str, dict[str, int]]:
+    """{conclusion: {"empty": n, "mask": n}} over every split of a `no_target_table`."""
+    totals = no_target.groupby(["conclusion", "pred_empty"])["count"].sum()
+    return {c: {"empty": int(totals.get((c, True), 0)), "mask": int(totals.get((c, False), 0))}
+            for c in CONCLUSIONS}
+
+
 def plot_reasoning(table: pd.DataFrame, no_target: pd.DataFrame) -> Figure:
     """Left: mean IoU when the CoT was right / wrong per split. Right: no-target samples by
     conclusion, empty mask or not (all splits)."""
@@ -92,11 +100,11 @@ def plot_reasoning(table: pd.DataFrame, no_target: pd.DataFrame) -> Figure:
     left.set_ylim(0, 1)
     left.legend()
     label_axes(left, "split (CoT right / samples)", "mean mask IoU", "Does the mask follow the reasoning?")
-    totals = no_target.groupby(["conclusion", "pred_empty"])["count"].sum()
+    totals = conclusion_totals(no_target)
     y = np.arange(len(CONCLUSIONS))
-    for offset, is_empty, colour, label in ((-0.2, True, GROUP_COLOURS[2], "empty mask"),
-                                            (0.2, False, GROUP_COLOURS[4], "mask")):
-        values = [int(totals.get((c, is_empty), 0)) for c in CONCLUSIONS]
+    for offset, kind, colour, label in ((-0.2, "empty", GROUP_COLOURS[2], "empty mask"),
+                                        (0.2, "mask", GROUP_COLOURS[4], "mask")):
+        values = [totals[c][kind] for c in CONCLUSIONS]
         right.barh(y + offset, values, height=0.4, color=colour, label=label)
     right.set_yticks(y, CONCLUSIONS)
     right.legend(loc="lower right")
@@ -108,18 +116,11 @@ def write_reasoning_report(eval_dir: str | Path, out_dir: str | Path | None = No
                            stem: str = "reasoning_to_mask") -> dict[str, Any]:
     """Judge `eval_dir/predictions.json`; write <stem>.csv/.png/.json and <stem>_no_target.csv
     into `out_dir` (default: eval_dir). Returns the JSON summary."""
-    import json
-
-    from analyses.plotting import write_csv
-
     eval_dir = Path(eval_dir)
     out_dir = Path(out_dir or eval_dir)
     judged = judge_predictions(json.loads((eval_dir / "predictions.json").read_text()))
     table, no_target = reasoning_table(judged), no_target_table(judged)
-    summary = {"splits": table.to_dict("records"),
-               "no_target": {c: {"empty": int(no_target[(no_target.conclusion == c) & no_target.pred_empty]["count"].sum()),
-                                 "mask": int(no_target[(no_target.conclusion == c) & ~no_target.pred_empty]["count"].sum())}
-                             for c in CONCLUSIONS}}
+    summary = {"splits": table.to_dict("records"), "no_target": conclusion_totals(no_target)}
     write_outputs(out_dir, stem, table=table, figure=plot_reasoning(table, no_target), summary=summary)
     write_csv(no_target, out_dir / f"{stem}_no_target.csv")
     return summary
