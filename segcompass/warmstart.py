@@ -138,6 +138,14 @@ class WarmstartConfig:
     tie_embeddings: bool = True
     """Share the LLM's input embeddings and output head (saved in the config, so it survives
     `from_pretrained`): a word the policy reads off an image token is then a word it can write."""
+    split: str = "train"
+    """World split the LLM stage draws its samples from. `train_absence` is `train` with the
+    no-target relation case ('the shape {R} the {C} {S}', nothing there) at 8% instead of 4%,
+    for a short last phase on top of a finished warm start (`init_from`)."""
+    init_from: Path | None = None
+    """A finished warm start's output folder: continue from its policy and probes (its
+    checkpoint/) with a fresh optimizer and schedule, skipping stage 0 (the vision tower stays
+    as it was, frozen). Its architecture settings must equal these."""
     seed: int = 0
     """Seeds the weights, the world samples and torch's RNG."""
     quick: bool = False
@@ -179,6 +187,13 @@ class WarmstartConfig:
             raise UserError(f"warmstart: --caption-fraction must lie in [0, 1), got {self.caption_fraction}")
         if self.lr <= 0:
             raise UserError(f"warmstart: --lr must be > 0, got {self.lr}")
+        from segcompass.data.world import SPLITS
+
+        if self.split not in SPLITS:
+            raise UserError(f"warmstart: unknown --split {self.split!r}; choose one of {', '.join(SPLITS)}")
+        if self.init_from is not None and not checkpoint_exists(Path(self.init_from) / CHECKPOINT_DIR):
+            raise UserError(f"warmstart: --init-from {self.init_from} holds no warm-start checkpoint "
+                            f"({CHECKPOINT_DIR}/{STATE_FILE})")
         if self.word_separation_weight < 0 or not 0 <= self.word_separation_margin < 1:
             raise UserError(f"warmstart: need --word-separation-weight >= 0 and 0 <= --word-separation-margin < 1, "
                             f"got {self.word_separation_weight}, {self.word_separation_margin}")
@@ -362,7 +377,7 @@ def step_examples(cfg: WarmstartConfig, step: int) -> list[Example]:
 
     start = step * cfg.batch_size
     n_caption = round(cfg.caption_fraction * cfg.batch_size)
-    samples = [make_sample("train", (start + i) % cfg.train_pool, cfg.seed) for i in range(cfg.batch_size)]
+    samples = [make_sample(cfg.split, (start + i) % cfg.train_pool, cfg.seed) for i in range(cfg.batch_size)]
     grid = cfg.image_size // cfg.patch_size
     return [caption_example(s, grid, cfg.probe_object_position) if i < n_caption
             else reference_example(s, grid, cfg.probe_object_position) for i, s in enumerate(samples)]
@@ -402,8 +417,11 @@ def train(cfg: WarmstartConfig, *, progress: bool = True, stop_after: int | None
     # The probes train with the policy; they are checkpointed (for exact resume) but never exported.
     modules = torch.nn.ModuleDict({"policy": model, "probe": probes.to(device)})
     resuming = cfg.resume and checkpoint_exists(out / CHECKPOINT_DIR)
-    vision = {} if resuming else _vision_stage(cfg, loaded, device, progress)
-    if cfg.freeze_vision and cfg.vision_steps:
+    if cfg.init_from is not None and not resuming:
+        vision = load_initial_weights(Path(cfg.init_from), cfg, modules)
+    else:
+        vision = {} if resuming else _vision_stage(cfg, loaded, device, progress)
+    if cfg.freeze_vision and (cfg.vision_steps or cfg.init_from is not None):
         model.model.vision_tower.requires_grad_(False)
     trainable = [p for p in modules.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -437,6 +455,32 @@ def train(cfg: WarmstartConfig, *, progress: bool = True, stop_after: int | None
     if end < cfg.steps:
         return WarmstartResult(out / MODEL_DIR, {}, time.perf_counter() - start_time)
     return _finish(cfg, loaded, out, start_time, progress, vision)
+
+
+ARCHITECTURE_FIELDS: tuple[str, ...] = ("image_size", "patch_size", "hidden_size", "n_layers", "n_heads",
+                                        "intermediate_size", "rope_theta", "vision_hidden_size", "vision_layers",
+                                        "tie_embeddings")
+"""WarmstartConfig fields that shape the weights: `init_from` needs them equal."""
+
+
+def load_initial_weights(source: Path, cfg: WarmstartConfig, modules: torch.nn.ModuleDict) -> dict:
+    """Load a finished warm start's policy and probes (`source/checkpoint`) into `modules`;
+    returns its stage-0 record, tagged with where it came from."""
+    from safetensors.torch import load_file
+
+    directory = source / CHECKPOINT_DIR
+    if not (directory / STATE_FILE).is_file():
+        directory = directory.with_name(directory.name + ".old")
+    state = json.loads((directory / STATE_FILE).read_text())
+    theirs, mine = state["config"], _config_record(cfg)
+    if changed := [k for k in ARCHITECTURE_FIELDS if theirs.get(k, "<absent>") != mine[k]]:
+        raise UserError(f"warmstart: --init-from {source} has another architecture "
+                        f"({', '.join(f'{k}: {theirs.get(k)} vs {mine[k]}' for k in changed)})")
+    if state["step"] < theirs["steps"]:
+        raise UserError(f"warmstart: --init-from {source} is unfinished (step {state['step']} of {theirs['steps']})")
+    device = next(modules.parameters()).device
+    modules.load_state_dict({k: v.to(device) for k, v in load_file(directory / WEIGHTS_FILE).items()})
+    return {**state.get("vision_pretraining", {}), "init_from": str(source), "init_from_steps": state["step"]}
 
 
 def _step_batch(cfg: WarmstartConfig, loaded, step: int) -> TeacherBatch:

@@ -84,6 +84,33 @@ def test_resume_continues_identically(tmp_path):
         train(WarmstartConfig(out=tmp_path / "resumed", **common), progress=False)
 
 
+def test_init_from_continues_a_finished_warm_start_on_another_split(tmp_path):
+    common = dict(eval_samples=0, **TINY)
+    train(WarmstartConfig(out=tmp_path / "base", steps=2, **common), progress=False)
+    phase = dict(init_from=tmp_path / "base", split="train_absence", steps=2, **common)
+    # stop_after=0: the checkpoint written before the first step holds exactly what was loaded
+    train(WarmstartConfig(out=tmp_path / "loaded", **phase), progress=False, stop_after=0)
+    base = load_file(tmp_path / "base" / CHECKPOINT_DIR / WEIGHTS_FILE)
+    loaded = load_file(tmp_path / "loaded" / CHECKPOINT_DIR / WEIGHTS_FILE)
+    assert base.keys() == loaded.keys() and all(torch.equal(base[k], loaded[k]) for k in base)
+    train(WarmstartConfig(out=tmp_path / "phase", **phase), progress=False)
+    after = load_file(tmp_path / "phase" / CHECKPOINT_DIR / WEIGHTS_FILE)
+    vision = [k for k in base if ".vision_tower." in k]
+    assert vision and all(torch.equal(base[k], after[k]) for k in vision)  # stage 0 skipped, tower frozen
+    assert any(not torch.equal(base[k], after[k]) for k in base if ".language_model." in k)
+    state = json.loads((tmp_path / "phase" / CHECKPOINT_DIR / "state.json").read_text())
+    assert state["vision_pretraining"]["init_from"] == str(tmp_path / "base")
+    with pytest.raises(UserError, match="hidden_size: 32 vs 48"):
+        train(WarmstartConfig(out=tmp_path / "wide", **{**phase, "hidden_size": 48}), progress=False)
+    with pytest.raises(UserError, match="unfinished"):
+        train(WarmstartConfig(out=tmp_path / "half", steps=4, **common), progress=False, stop_after=2)
+        train(WarmstartConfig(out=tmp_path / "x", **{**phase, "init_from": tmp_path / "half"}), progress=False)
+    with pytest.raises(UserError, match="no warm-start checkpoint"):
+        WarmstartConfig(init_from=tmp_path / "nowhere")
+    with pytest.raises(UserError, match="unknown --split 'tarin'"):
+        WarmstartConfig(split="tarin")
+
+
 def test_quick_flag_changes_only_the_documented_fields():
     from segcompass.warmstart import QUICK_OVERRIDES
 

@@ -51,6 +51,7 @@ def test_families_present_where_expected(samples):
         "testA": {"direct", "attribute", "spatial", "indirect"},
         "testB": {"direct", "attribute", "spatial", "indirect"},
         "multi": set(FAMILIES), "reason": {"attribute", "spatial", "indirect", "multi"},
+        "train_absence": set(FAMILIES),
     }
     for split, found in samples.items():
         assert {s.family for s in found} == expected[split], split

@@ -35,7 +35,7 @@ __all__ = ["SPLITS", "SplitSpec", "WorldObject", "WorldSample", "answer_line", "
            "generate", "hallucinated_sample", "iter_samples", "make_sample", "phrasing_of", "sample_from_id",
            "sample_text", "world_vocabulary"]
 
-Split = Literal["train", "val", "testA", "testB", "multi", "reason"]
+Split = Literal["train", "val", "testA", "testB", "multi", "reason", "train_absence"]
 
 
 @dataclass(frozen=True)
@@ -107,6 +107,10 @@ SPLITS: dict[str, SplitSpec] = {
                         "indirect": 0.08}, always_multi_prompt=True),
     "reason": SplitSpec(5, (3, 7), (0.3, 0.4, 0.3), 0.8, 0.5,
                         {"attribute": 0.2, "spatial": 0.25, "indirect": 0.4, "multi": 0.15}, held_out=True),
+    # train's scenes and templates under NO_TARGET_RELATION_MIX, for a short last phase of the
+    # warm start (`WarmstartConfig.split`, `init_from`); a code of its own, so no sample aliases train's
+    "train_absence": SplitSpec(6, (2, 7), (0.3, 0.4, 0.3), 0.8, 0.5, NO_TARGET_RELATION_MIX[0],
+                               multi_prompt_share=0.25, template_weights=NO_TARGET_RELATION_MIX[1]),
 }
 
 _MAX_ATTEMPTS = 200
