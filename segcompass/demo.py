@@ -133,7 +133,7 @@ def _absence_phase(cfg: DemoConfig, out: Path, warmstart: Path) -> Path:
     if _stage("warm start, last phase: absence of a related object", (out / "eval.json").is_file()):
         train(WarmstartConfig(out=out, init_from=warmstart, split="train_absence", steps=cfg.absence_steps,
                               lr=cfg.absence_lr, warmup_steps=min(20, cfg.absence_steps), seed=cfg.seed,
-                              eval_samples=100 if cfg.quick else 300))
+                              eval_samples=100 if cfg.quick else 1000))
     return out / MODEL_DIR
 
 
