@@ -47,8 +47,8 @@ class DemoConfig:
     sam_steps: int = 800
     """Promptable-segmentation pretraining steps of the world SAM (`segcompass sam-pretrain`)."""
     seg_steps: int = 1000
-    """SegCompass training steps (~0.6 s each on 2 idle cores: 9.6 min in the default demo, whose
-    testA / multi gIoU are 81.2 / 66.5 on the 3200-step warm start). With the slot mapper keyed
+    """SegCompass training steps (~0.6-0.7 s each on 2 idle cores: 9.6-11.6 min in the default
+    demo, whose testA / multi gIoU are 81.8 / 69.5, N-acc 98.4, after the warm start's last phase). With the slot mapper keyed
     on the policy's image tokens too (`HeadConfig.policy_image_keys`), on a 1200-step warm start:
     testA gIoU 58.3 at 500 steps, 60.6 at 1000, and the train-batch match IoU was still rising
     (0.61 over steps 400-500, 0.68 over 800-1000). Without those keys 900 was no better than 500."""
