@@ -48,10 +48,11 @@ class DemoConfig:
     """Promptable-segmentation pretraining steps of the world SAM (`segcompass sam-pretrain`)."""
     seg_steps: int = 1000
     """SegCompass training steps (~0.6-0.7 s each on 2 idle cores: 9.6-11.6 min in the default
-    demo, whose testA / multi gIoU are 81.8 / 69.5, N-acc 98.4, after the warm start's last phase). With the slot mapper keyed
-    on the policy's image tokens too (`HeadConfig.policy_image_keys`), on a 1200-step warm start:
-    testA gIoU 58.3 at 500 steps, 60.6 at 1000, and the train-batch match IoU was still rising
-    (0.61 over steps 400-500, 0.68 over 800-1000). Without those keys 900 was no better than 500."""
+    demo, whose testA / multi gIoU are 81.8 / 69.5, N-acc 98.4, after the warm start's last
+    phase). With the slot mapper keyed on the policy's image tokens too
+    (`HeadConfig.policy_image_keys`), on a 1200-step warm start: testA gIoU 58.3 at 500 steps,
+    60.6 at 1000, and the train-batch match IoU was still rising (0.61 over steps 400-500, 0.68
+    over 800-1000). Without those keys 900 was no better than 500."""
     mode: Literal["seg", "rl", "rl+seg"] = "seg"
     """SegCompass training mode (`segcompass train --mode`); see README for the measured comparison."""
     heatmap_dice_weight: float = 1.0
@@ -133,7 +134,7 @@ def _absence_phase(cfg: DemoConfig, out: Path, warmstart: Path) -> Path:
     if _stage("warm start, last phase: absence of a related object", (out / "eval.json").is_file()):
         train(WarmstartConfig(out=out, init_from=warmstart, split="train_absence", steps=cfg.absence_steps,
                               lr=cfg.absence_lr, warmup_steps=min(20, cfg.absence_steps), seed=cfg.seed,
-                              eval_samples=100 if cfg.quick else 1000))
+                              eval_samples=100 if cfg.quick else WarmstartConfig.eval_samples))
     return out / MODEL_DIR
 
 

@@ -473,9 +473,7 @@ def load_initial_weights(source: Path, cfg: WarmstartConfig, modules: torch.nn.M
     returns its stage-0 record, tagged with where it came from."""
     from safetensors.torch import load_file
 
-    directory = source / CHECKPOINT_DIR
-    if not (directory / STATE_FILE).is_file():
-        directory = directory.with_name(directory.name + ".old")
+    directory = _complete_checkpoint(source / CHECKPOINT_DIR)
     state = json.loads((directory / STATE_FILE).read_text())
     theirs, mine = state["config"], _config_record(cfg)
     if changed := [k for k in ARCHITECTURE_FIELDS if theirs.get(k, "<absent>") != mine[k]]:
@@ -573,12 +571,16 @@ def checkpoint_exists(directory: Path) -> bool:
     return (directory / STATE_FILE).is_file() or (directory.with_name(directory.name + ".old") / STATE_FILE).is_file()
 
 
+def _complete_checkpoint(directory: Path) -> Path:
+    """`directory`, or its `.old` twin when a save was interrupted between the two renames."""
+    return directory if (directory / STATE_FILE).is_file() else directory.with_name(directory.name + ".old")
+
+
 def load_checkpoint(directory: Path, cfg: WarmstartConfig, model, optimizer, scheduler) -> tuple[int, dict]:
     """Restore a checkpoint into model/optimizer/scheduler/RNG; returns its step and stage-0 record."""
     from safetensors.torch import load_file
 
-    if not (directory / STATE_FILE).is_file():
-        directory = directory.with_name(directory.name + ".old")  # interrupted between the two renames
+    directory = _complete_checkpoint(directory)
     state = json.loads((directory / STATE_FILE).read_text())
     mine = _config_record(cfg)
     # a setting absent from the checkpoint (written before it existed) counts as changed too

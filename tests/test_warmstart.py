@@ -102,8 +102,8 @@ def test_init_from_continues_a_finished_warm_start_on_another_split(tmp_path):
     assert state["vision_pretraining"]["init_from"] == str(tmp_path / "base")
     with pytest.raises(UserError, match="hidden_size: 32 vs 48"):
         train(WarmstartConfig(out=tmp_path / "wide", **{**phase, "hidden_size": 48}), progress=False)
+    train(WarmstartConfig(out=tmp_path / "half", steps=4, **common), progress=False, stop_after=2)
     with pytest.raises(UserError, match="unfinished"):
-        train(WarmstartConfig(out=tmp_path / "half", steps=4, **common), progress=False, stop_after=2)
         train(WarmstartConfig(out=tmp_path / "x", **{**phase, "init_from": tmp_path / "half"}), progress=False)
     with pytest.raises(UserError, match="no warm-start checkpoint"):
         WarmstartConfig(init_from=tmp_path / "nowhere")
