@@ -50,10 +50,10 @@ class DemoConfig:
     """Promptable-segmentation pretraining steps of the world SAM (`segcompass sam-pretrain`)."""
     seg_steps: int = 1000
     """SegCompass training steps (~0.6-0.7 s each on 2 idle cores: 9.6-11.8 min in the default
-    demo, whose testA / multi gIoU are 83.6 / 79.9, N-acc 91.8). With the slot mapper keyed on the policy's image tokens too
-    (`HeadConfig.policy_image_keys`), on a 1200-step warm start: testA gIoU 58.3 at 500 steps,
-    60.6 at 1000, and the train-batch match IoU was still rising (0.61 over steps 400-500, 0.68
-    over 800-1000). Without those keys 900 was no better than 500."""
+    demo, whose testA / multi gIoU are 83.6 / 79.9, N-acc 91.8). With the slot mapper keyed on
+    the policy's image tokens too (`HeadConfig.policy_image_keys`), on a 1200-step warm start:
+    testA gIoU 58.3 at 500 steps, 60.6 at 1000, and the train-batch match IoU was still rising
+    (0.61 over steps 400-500, 0.68 over 800-1000). Without those keys 900 was no better than 500."""
     mode: Literal["seg", "rl", "rl+seg"] = "seg"
     """SegCompass training mode (`segcompass train --mode`); see README for the measured comparison."""
     heatmap_dice_weight: float = 1.0
