@@ -51,7 +51,7 @@ class Collected(NamedTuple):
     """A checkpoint's outputs on B samples (N SAE tokens, K slots, m x m head mask frame)."""
 
     samples: list
-    """The B `segcompass.data.world.WorldSample`s, in order."""
+    """The B `segcompass.world.scenes.WorldSample`s, in order."""
     responses: list[str]
     """The response each forward pass read (ground truth CoT + K tokens, or greedy)."""
     teacher_forced: bool
@@ -160,7 +160,7 @@ class _BatchPart(NamedTuple):
 @torch.no_grad()
 def _run_batch(model, samples: list, responses: list[str], rank_depth: int) -> _BatchPart:
     """One SegCompass pass over a batch; everything moved to the CPU."""
-    from segcompass.batching import batch_from_samples
+    from segcompass.training.batching import batch_from_samples
     from segcompass.postprocess import targets_to_frame
 
     seg = batch_from_samples(model, samples, responses)
@@ -273,7 +273,7 @@ def collect_checkpoint(checkpoint: str | Path, *, split: str = "val", n: int = 4
                        greedy: bool = False, batch_size: int = 8, rank_depth: int = DEFAULT_RANK_DEPTH,
                        device: str = "cpu", progress: bool = False):
     """(loaded model, Collected) for the first `n` samples of world `split` under `seed`."""
-    from segcompass.data.world import generate
+    from segcompass.world.scenes import generate
     from segcompass.model import load_segcompass
 
     model = load_segcompass(checkpoint, device=device).eval()

@@ -35,8 +35,8 @@ from analyses.patches import as_numpy, grid_of, patch_fractions, rows_by_sample
 from analyses.plotting import label_axes, new_figure
 from saekit.inputs import TokenType
 from saekit.sparse import SparseCodes
-from segcompass.data.world_language import RELATIONS, SUPERLATIVES
-from segcompass.data.world_render import COLOURS, COLUMNS, ROWS, SHAPE_PLURALS, SHAPES, SIZES
+from segcompass.world.language import RELATIONS, SUPERLATIVES
+from segcompass.world.render import COLOURS, COLUMNS, ROWS, SHAPE_PLURALS, SHAPES, SIZES
 
 BACKGROUND = "image:background"
 
@@ -62,7 +62,7 @@ class SceneObject(NamedTuple):
 
 
 def world_scene_objects(sample) -> list[SceneObject]:
-    """The objects of a `segcompass.data.world.WorldSample` with their colour, shape and size."""
+    """The objects of a `segcompass.world.scenes.WorldSample` with their colour, shape and size."""
     return [SceneObject(o.mask, (f"image:colour={o.colour}", f"image:shape={o.shape}", f"image:size={o.size}"))
             for o in sample.objects]
 

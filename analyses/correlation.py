@@ -35,7 +35,7 @@ from segcompass.matching import match_slots
 TRAINING_X_KEY = "sae_mse"
 """Training-log key of the frozen SAE's reconstruction MSE on the batch's hooked activations."""
 TRAINING_Y_KEY = "mask_dice"
-"""Training-log key of the batch's Dice loss on matched masks (`segcompass.train` writes it)."""
+"""Training-log key of the batch's Dice loss on matched masks (`segcompass.training.supervised` writes it)."""
 
 
 class ConfidenceBand(NamedTuple):

@@ -2,7 +2,7 @@
 
 Reads an evaluation's predictions (`segcompass eval`: predictions.json), regenerates each
 world sample from its id, and judges the policy's chain of thought against the truth
-(`segcompass.policy_eval.judge`). Two tables:
+(`segcompass.world.policy_eval.judge`). Two tables:
 
 - per split: how many chains of thought named the right target(s), and the mean mask IoU
   when they did and when they did not. A head that follows the reasoning scores high on
@@ -43,10 +43,10 @@ def conclusion(named: list[tuple[str, str]] | None, present: set[tuple[str, str]
 def judge_predictions(records: Sequence[dict[str, Any]]) -> pd.DataFrame:
     """One row per prediction record: split, family, template_id, n_targets, cot_right,
     conclusion, iou (union of targets, gRefCOCO's empty/empty = 1) and pred_empty."""
-    from segcompass.data.world import sample_from_id
+    from segcompass.world.scenes import sample_from_id
     from segcompass.evaluate import decode_rle
     from segcompass.metrics import batch_counts, sample_iou, target_union
-    from segcompass.policy_eval import judge
+    from segcompass.world.policy_eval import judge
 
     rows = []
     for record in records:

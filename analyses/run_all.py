@@ -53,7 +53,7 @@ SUMMARY_FILE = "summary.json"
 NAMES_FILE = "names.csv"
 ATOM_NAMES_FILE = "atom_names.json"
 TRAINING_KEYS: tuple[tuple[str, str], ...] = (("sae_mse", "mask_dice"), ("sae_mse", "seg/mask_dice"))
-"""(x, y) key pairs tried, in order, in the training log (`segcompass.train` writes the first;
+"""(x, y) key pairs tried, in order, in the training log (`segcompass.training.supervised` writes the first;
 a GRPO log would need the second)."""
 TAU_FRACTIONS: tuple[float, ...] = (0.0, 0.05, 0.1, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0)
 """Figure 4's τ sweep as fractions of the codebook threshold: SAE activations are in the SAE's
@@ -98,7 +98,7 @@ class AnalysesConfig:
     only single-target ones are used."""
 
     def __post_init__(self) -> None:
-        from segcompass.data.world import SPLITS
+        from segcompass.world.scenes import SPLITS
 
         if self.split not in SPLITS:
             raise UserError(f"analyses: unknown split {self.split!r}; choose one of {', '.join(SPLITS)}")
@@ -371,7 +371,7 @@ def acceptance(summaries: dict[str, dict]) -> dict[str, Any]:
 def slot_readout_analysis(model, *, split: str, n: int, seed: int) -> AnalysisOutput:
     """Linear probes from the <REF_POS> states to the target (fit on `train`, scored on `split`)."""
     from analyses import slot_readout as readout
-    from segcompass.data.world import generate
+    from segcompass.world.scenes import generate
 
     train = readout.slot_states(model.loaded, generate("train", n, seed))
     test = readout.slot_states(model.loaded, generate(split, n, seed))

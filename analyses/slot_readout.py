@@ -8,7 +8,7 @@ first response `<REF_POS>` of single-target samples to the target's colour and s
 
 Measured on the embedded world (2 cores, teacher-forced ground-truth CoT): a warm start
 without the concentration-token probe gave 57% / 63% (colour / shape) at the last layer;
-with it (`segcompass.word_probe.build_slot_probe`) 100% / 100%; chance is 17%.
+with it (`segcompass.world.probes.build_slot_probe`) 100% / 100%; chance is 17%.
 
 Note the position: the prompt names `<REF_POS>` too ("output 1 <REF_POS> token"), so the
 first `<REF_POS>` of the sequence is a prompt token whose state carries no target (an
@@ -24,7 +24,7 @@ import pandas as pd
 import torch
 from torch import Tensor
 
-from segcompass.data.world_render import COLOURS, SHAPES
+from segcompass.world.render import COLOURS, SHAPES
 from segcompass.template import REF_TOKEN, build_prompt, format_response, k_for, ref_token_mask
 
 FIELDS = ("colour", "shape")

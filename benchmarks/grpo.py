@@ -32,7 +32,7 @@ def random_parts(root: Path) -> tuple[Path, Path]:
     from saekit.models import save_pretrained
     from saekit.sae.io import save_sae
     from saekit.sae.model import SparseAutoencoder
-    from segcompass.warmstart import WarmstartConfig, build_policy
+    from segcompass.world.warmstart import WarmstartConfig, build_policy
 
     loaded = build_policy(WarmstartConfig())
     save_pretrained(loaded, root / "policy")
@@ -47,7 +47,7 @@ def random_parts(root: Path) -> tuple[Path, Path]:
 
 def run(policy: Path, sae: Path, out: Path, steps: int) -> tuple[float, float]:
     """(wall s, CPU s) of `steps` rl+seg optimizer steps after the model is built."""
-    from segcompass.train import TrainConfig, train
+    from segcompass.training.supervised import TrainConfig, train
 
     cfg = TrainConfig(policy=policy, sae=sae, out=out, mode="rl+seg", steps=steps, threads=1, device="cpu",
                       log_every=1, checkpoint_every=10_000, resume=False)
@@ -57,7 +57,7 @@ def run(policy: Path, sae: Path, out: Path, steps: int) -> tuple[float, float]:
 
 
 def main() -> None:
-    from segcompass.train import TrainConfig
+    from segcompass.training.supervised import TrainConfig
 
     load_before = os.getloadavg()[0]
     with tempfile.TemporaryDirectory() as tmp:

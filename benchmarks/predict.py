@@ -84,7 +84,7 @@ def main(argv=None) -> None:
     args = parse_args(argv)
     import torch
 
-    from segcompass.data.world import generate
+    from segcompass.world.scenes import generate
     from segcompass.predictor import Predictor, PredictorConfig
 
     if args.threads:

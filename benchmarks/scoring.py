@@ -22,7 +22,7 @@ from PIL import Image  # noqa: E402
 
 from segcompass.commands.score import score_folders  # noqa: E402
 from segcompass.data import rasterize as R  # noqa: E402
-from segcompass.data import world  # noqa: E402
+from segcompass.world import scenes as world  # noqa: E402
 from segcompass.data.export import export_reasonseg  # noqa: E402
 from segcompass.data.reasonseg import read_shapes  # noqa: E402
 from segcompass.metrics import MetricAccumulator  # noqa: E402

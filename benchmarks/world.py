@@ -14,7 +14,7 @@ import time
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
-from segcompass.data.world import SPLITS, generate  # noqa: E402
+from segcompass.world.scenes import SPLITS, generate  # noqa: E402
 
 N_SAMPLES = 1000
 ROUNDS = 3

@@ -57,7 +57,7 @@ class EvalConfig:
     """torch CPU threads; 0 = all cores."""
 
     def __post_init__(self) -> None:
-        from segcompass.data.world import SPLITS
+        from segcompass.world.scenes import SPLITS
 
         if unknown := [s for s in self.splits if s not in SPLITS]:
             raise UserError(f"eval: unknown split(s) {', '.join(unknown)}; choose from {', '.join(SPLITS)}")
@@ -104,7 +104,7 @@ def evaluate_split(predictor, split: str, n: int, seed: int = DEFAULT_SEED, *,
     """Predict the first `n` samples of world `split` (seed `seed`) and score them."""
     from tqdm.auto import tqdm
 
-    from segcompass.data.world import iter_samples
+    from segcompass.world.scenes import iter_samples
 
     accumulator, records = MetricAccumulator(), []
     samples = iter_samples(split, n, seed)

@@ -27,7 +27,7 @@ K_SINGLE = 1
 K_MULTI = 4
 """Concentration tokens (= mask slots) for a multi-object instruction. The paper uses up to
 K_s = 6 slots on gRefCOCO; the embedded world never has more than 4 targets
-(`world_language.MAX_TARGETS`), and 4 slots keep the slot mapper and Hungarian matching cheap."""
+(`world.language.MAX_TARGETS`), and 4 slots keep the slot mapper and Hungarian matching cheap."""
 REF_TOKEN = "<REF_POS>"
 THINK_OPEN = "<think>"
 THINK_CLOSE = "</think>"

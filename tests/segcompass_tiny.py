@@ -1,7 +1,7 @@
 """A tiny random-weight SegCompass checkpoint for tests, built in a few seconds.
 
     policy/   tiny-llava with the world vocabulary and the template's special tokens
-              (`segcompass.warmstart.build_policy`, narrow: d_model 32, 2 blocks, 4x4 image grid)
+              (`segcompass.world.warmstart.build_policy`, narrow: d_model 32, 2 blocks, 4x4 image grid)
     sae/      a random ReLU SAE (d_sae 256) in the sae-lens folder format, its encoder scaled
               so that ~15% of the atoms pass the codebook threshold on the policy's states
               (a raw random SAE would leave no atom above 2.0 and an empty concept pathway)
@@ -35,7 +35,7 @@ def _calibration_states(loaded, layer: int, n_samples: int = 4) -> torch.Tensor:
     from PIL import Image
 
     from saekit.inputs import build_batch
-    from segcompass.data.world import generate
+    from segcompass.world.scenes import generate
     from segcompass.policy import policy_forward
     from segcompass.template import build_prompt, format_response, k_for
 
@@ -81,7 +81,7 @@ def build_tiny_checkpoint(directory: str | Path, *, seed: int = 0, policy: dict 
     full-size policy, d_model 128 and 4 blocks, as `benchmarks/predict.py` uses)."""
     from saekit.models import save_pretrained
     from segcompass.model import SegCompassConfig, build_segcompass, save_segcompass
-    from segcompass.warmstart import WarmstartConfig, build_policy
+    from segcompass.world.warmstart import WarmstartConfig, build_policy
 
     directory = Path(directory)
     parts = directory.parent / f".{directory.name}-parts"

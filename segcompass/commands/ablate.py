@@ -8,7 +8,7 @@ import argparse
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     from saekit.argparse_dataclass import add_config_args
-    from segcompass.ablate import AblateConfig
+    from segcompass.experiments.ablate import AblateConfig
 
     parser.epilog = ("Writes OUT/STUDY/results.csv and results.md, and one resumable training folder per run; "
                      "re-running the same command skips finished runs and resumes an interrupted one.")
@@ -18,7 +18,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from saekit.argparse_dataclass import config_from_args
-    from segcompass.ablate import AblateConfig, run_study
+    from segcompass.experiments.ablate import AblateConfig, run_study
 
     cfg = config_from_args(AblateConfig, args)
     folder = run_study(cfg, progress=not args.no_progress)

@@ -1,4 +1,4 @@
-"""`segcompass demo`: the embedded pipeline end to end (see segcompass.demo)."""
+"""`segcompass demo`: the embedded pipeline end to end (see segcompass.experiments.demo)."""
 
 from __future__ import annotations
 
@@ -8,13 +8,13 @@ from saekit.argparse_dataclass import add_config_args, config_from_args
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from segcompass.demo import DemoConfig
+    from segcompass.experiments.demo import DemoConfig
 
     add_config_args(parser, DemoConfig)
 
 
 def run(args: argparse.Namespace) -> int:
-    from segcompass.demo import DemoConfig, run_demo
+    from segcompass.experiments.demo import DemoConfig, run_demo
 
     run_demo(config_from_args(DemoConfig, args))
     return 0

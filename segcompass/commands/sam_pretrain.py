@@ -7,7 +7,7 @@ import argparse
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     from saekit.argparse_dataclass import add_config_args
-    from segcompass.sam_pretrain import SamPretrainConfig
+    from segcompass.world.sam_pretrain import SamPretrainConfig
 
     parser.epilog = ("Writes OUT/sam (facebook/sam-vit-* layout; pass it to `segcompass train --sam-path`) "
                      "and OUT/pretrain.json. Re-running after an interruption resumes from OUT/checkpoint.")
@@ -19,7 +19,7 @@ def run(args: argparse.Namespace) -> int:
     import json
 
     from saekit.argparse_dataclass import config_from_args
-    from segcompass.sam_pretrain import REPORT_FILE, SamPretrainConfig, pretrain_sam
+    from segcompass.world.sam_pretrain import REPORT_FILE, SamPretrainConfig, pretrain_sam
 
     cfg = config_from_args(SamPretrainConfig, args)
     sam_dir = pretrain_sam(cfg, progress=not args.no_progress)

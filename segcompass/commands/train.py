@@ -7,7 +7,7 @@ import argparse
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     from saekit.argparse_dataclass import add_config_args
-    from segcompass.train import TrainConfig
+    from segcompass.training.supervised import TrainConfig
 
     parser.epilog = ("Writes OUT/checkpoint (resumable), OUT/final (the checkpoint `segcompass eval` and "
                      "`segcompass predict` read) and OUT/metrics.jsonl. Re-running the same command after "
@@ -18,7 +18,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from saekit.argparse_dataclass import config_from_args
-    from segcompass.train import TrainConfig, train
+    from segcompass.training.supervised import TrainConfig, train
 
     cfg = config_from_args(TrainConfig, args)
     final = train(cfg, progress=not args.no_progress)

@@ -7,7 +7,7 @@ import argparse
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     from saekit.argparse_dataclass import add_config_args
-    from segcompass.warmstart import QUICK_OVERRIDES, WarmstartConfig
+    from segcompass.world.warmstart import QUICK_OVERRIDES, WarmstartConfig
 
     quick = ", ".join(f"{k}={v}" for k, v in QUICK_OVERRIDES.items())
     parser.epilog = (f"--quick sets {quick}. Re-running the same command after an interruption "
@@ -18,7 +18,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from saekit.argparse_dataclass import config_from_args
-    from segcompass.warmstart import WarmstartConfig, train
+    from segcompass.world.warmstart import WarmstartConfig, train
 
     cfg = config_from_args(WarmstartConfig, args)
     result = train(cfg, progress=not args.no_progress)

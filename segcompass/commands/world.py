@@ -9,7 +9,7 @@ FORMATS = ("jsonl", "png")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from segcompass.data.world import SPLITS
+    from segcompass.world.scenes import SPLITS
 
     parser.add_argument("--split", choices=list(SPLITS), default="train", help="World split (default: train).")
     parser.add_argument("--n", type=int, default=1000, help="Number of samples (default: 1000).")
@@ -27,7 +27,7 @@ def run(args: argparse.Namespace) -> int:
     from tqdm.auto import tqdm
 
     from saekit.errors import UserError
-    from segcompass.data.world import export_jsonl, export_png, iter_samples
+    from segcompass.world.scenes import export_jsonl, export_png, iter_samples
 
     if args.n < 1 or args.start < 0:
         raise UserError(f"world: --n must be >= 1 and --start >= 0 (got {args.n}, {args.start})")

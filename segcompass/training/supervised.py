@@ -1,0 +1,345 @@
+"""`segcompass train`: supervised segmentation training of SegCompass (mode `seg`).
+
+SAE frozen; policy frozen up to the SAE layer (the layer-L states it feeds the SAE never
+change); blocks above it, the head and SAM's decoder train. AdamW (wd 0.01) with per-module
+learning-rate multipliers (paper: x25 codebook, x80 slot mapper, x10 mask decoder over the
+MLLM's base rate), OneCycle schedule, gradient clip 1.0. Each step reads the next
+`batch_size` samples of the world's `train` split (deterministic by seed), so a resumed
+run sees exactly the data the uninterrupted one would have.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Literal, NamedTuple
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
+
+from saekit.atomic import (atomic_directory, atomic_write_json, load_optimizer_state,
+                           optimizer_state_tensors, resolve_directory)
+from saekit.errors import UserError
+from saekit.models import resolve_device
+from segcompass.training.batching import SegBatch, batch_from_samples
+from segcompass.world.scenes import WorldSample, hallucinated_sample, iter_samples
+from segcompass.training.losses import SegLossConfig, SegLossOutput, segmentation_loss
+from segcompass.model import (SegCompass, SegCompassConfig, build_segcompass, load_segcompass,
+                              save_segcompass, write_checkpoint)
+
+TRAINER_STATE = "trainer.json"
+OPTIMIZER_FILE = "optimizer.safetensors"
+RNG_FILE = "rng.safetensors"
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Supervised SegCompass training on the embedded world."""
+
+    policy: Path
+    """Warm-started policy folder (`segcompass warmstart` output, `policy/` inside it)."""
+    sae: Path
+    """SAE folder trained on the policy's layer `sae_layer` (`saekit train` output)."""
+    out: Path = Path("runs/segcompass")
+    """Output folder: checkpoint/, final/, metrics.jsonl."""
+    mode: Literal["seg", "rl", "rl+seg"] = "seg"
+    """Training mode (Table 4). `seg`: segmentation supervision on teacher-forced ground-truth
+    reasoning; `rl`: GRPO on the policy's own rollouts only; `rl+seg`: GRPO plus segmentation
+    supervision on the same rollout forward pass, one backward (`segcompass.training.grpo`)."""
+    sae_layer: int = 2
+    """Policy layer the SAE reads (saekit numbering: HF hidden_states[L])."""
+    policy_preset: str = "tiny-llava"
+    """saekit preset of the policy."""
+    head_preset: str = "tiny-llava"
+    """Head dimensions preset (segcompass.build.HEAD_PRESETS)."""
+    sam_preset: str = "sam-tiny-16"
+    """SAM preset; sam-tiny-* train from scratch, sam-vit-* load from --sam-path (frozen encoder)."""
+    sam_path: Path | None = None
+    """Local folder of a pretrained SAM (facebook/sam-vit-* layout)."""
+    key_kernel: int = 0
+    """Side of the slot mapper's key projection (`HeadConfig.key_kernel`, odd); 0 = the head preset's."""
+    policy_image_keys: Literal["preset", "on", "off"] = "preset"
+    """Slot-mapper keys also read the policy's image tokens (`HeadConfig.policy_image_keys`):
+    'preset' = the head preset's choice (on for the world, off for the paper presets)."""
+    steps: int = 900
+    """Optimizer steps."""
+    batch_size: int = 16
+    """World samples per step."""
+    lr: float = 2e-5
+    """Base learning rate of the policy's trainable blocks (paper: 2e-6 for a 7B MLLM)."""
+    policy_lr_mult: float = 1.0
+    """Multiplier for the policy's trainable blocks (paper: 1). The world policy was warm-started
+    at a peak of 2e-3, so at 2e-5 GRPO barely moves it in a CPU-sized run; the ablation raises it."""
+    codebook_lr_mult: float = 25.0
+    """Multiplier for the query codebook and concept aggregator (paper: 25)."""
+    slot_mapper_lr_mult: float = 80.0
+    """Multiplier for the slot mapper (paper: 80)."""
+    decoder_lr_mult: float = 10.0
+    """Multiplier for SAM's prompt encoder and mask decoder (paper: 10)."""
+    sam_encoder_lr_mult: float = 25.0
+    """Multiplier for a trainable (world) SAM vision encoder; ignored when it is frozen."""
+    weight_decay: float = 0.01
+    """AdamW weight decay."""
+    grad_clip: float = 1.0
+    """Global gradient-norm clip."""
+    pct_start: float = 0.1
+    """OneCycle: fraction of steps spent warming up."""
+    seg_weight: float = 1.0
+    """lambda_s."""
+    conf_weight: float = 0.2
+    """lambda_c."""
+    dice_weight: float = 0.6
+    """lambda_D."""
+    heatmap_dice_weight: float = 0.0
+    """Extra Dice on the heatmaps (paper: 0); see SegLossConfig. The world needs it (~1)."""
+    slot_embedding_dropout: float = 0.0
+    """Probability, per training sample and step, that its concentration-token states e_k are
+    zeroed before the slot mapper, so that sample must be grounded from the SAE concept pathway
+    r_k alone (not in the paper). With e_k carrying the target, the mapper otherwise learns to
+    ignore r_k and the atoms the provenance names have no causal effect on the mask. 0 = off.
+    Measured on the world at 0.5 (500 steps): testA 44.6 -> 35.5 gIoU and top-5 atom deletion
+    still changed IoU by < 0.001, so it stays off by default."""
+    hallucination_share: float = 0.0
+    """Probability, per training sample and step, that it is replaced by its hallucinated twin
+    (`world.hallucinated_sample`): the same image under a no-target instruction whose chain of
+    thought names an absent object as if it were there, with no targets. The head then learns
+    to check the object the reasoning names against the image, so a policy that misses an
+    absence can still get an empty mask (N-acc). Not in the paper; mode seg only. 0 = off.
+    Measured on the demo's pieces (1000 steps): at 0.15 multi N-acc 68.9 -> 73.8 but gIoU
+    66.7 -> 65.5 and testA 81.5 -> 80.5; the policy almost never names an absent object (its
+    N-acc misses name present ones), so it stays off."""
+    seed: int = 0
+    """Seeds the head's initialisation, the data order and torch's RNG."""
+    log_every: int = 10
+    """Write a metrics.jsonl record every this many steps."""
+    checkpoint_every: int = 100
+    """Save a resumable checkpoint every this many steps (and at the end)."""
+    resume: bool = True
+    """Continue from out/checkpoint when it exists (its config must match)."""
+    threads: int = 0
+    """torch CPU threads; 0 = all cores."""
+    device: str = "auto"
+    """'auto' (cuda when available), 'cpu', 'cuda', ..."""
+    # ---- GRPO (modes rl, rl+seg; segcompass.training.grpo). Ignored by mode seg. ----
+    group_size: int = 8
+    """G: rollouts sampled per prompt (paper: 8; Figure 6 varies it)."""
+    rl_prompts: int = 2
+    """World samples (prompts) per GRPO step; the step trains on rl_prompts x group_size rollouts."""
+    kl_coef: float = 0.2
+    """beta: weight of the k3 KL to the frozen reference policy (paper: 0.2)."""
+    clip_epsilon: float = 0.2
+    """PPO ratio clip epsilon (paper: 0.2)."""
+    temperature: float = 1.0
+    """Sampling temperature of the rollouts (evaluation always decodes greedily)."""
+    max_new_tokens: int = 96
+    """Longest rollout, in tokens."""
+    format_reward_weight: float = 0.3
+    """w_format of the reward (paper: 0.3; Table 6)."""
+    mask_reward_weight: float = 0.7
+    """w_mask of the reward (paper: 0.7; Table 6)."""
+    confidence_threshold: float = 0.5
+    """Multi-object mask reward: slots with sigmoid(c_k) >= this are predictions."""
+    grad_accum: int = 1
+    """Micro-batches per optimizer step, per process (each must hold whole groups)."""
+    rollout_engine: Literal["generate", "vllm-colocate", "vllm-server"] = "generate"
+    """Who samples the rollouts: `generate` (HF, KV cache, keyed sampling: identical rollouts on
+    any number of processes) or TRL's vLLM backends (GPU; see docs/multi_gpu.md)."""
+
+    def __post_init__(self) -> None:
+        for name in ("steps", "batch_size", "log_every", "checkpoint_every"):
+            if getattr(self, name) < 1:
+                raise UserError(f"train: --{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+        if self.policy_lr_mult <= 0:
+            raise UserError(f"train: --policy-lr-mult must be > 0, got {self.policy_lr_mult}")
+        if self.key_kernel < 0 or (self.key_kernel and self.key_kernel % 2 == 0):
+            raise UserError(f"train: --key-kernel must be 0 (the preset's) or odd, got {self.key_kernel}")
+        if not 0 <= self.hallucination_share <= 1:
+            raise UserError(f"train: --hallucination-share must lie in [0, 1], got {self.hallucination_share}")
+        if self.hallucination_share and self.mode != "seg":
+            raise UserError(f"train: --hallucination-share is for --mode seg (GRPO trains on the policy's own "
+                            f"rollouts), got --mode {self.mode}")
+        if not 0 <= self.slot_embedding_dropout < 1:
+            raise UserError(f"train: --slot-embedding-dropout must lie in [0, 1), got {self.slot_embedding_dropout}")
+        if self.lr <= 0 or not 0 < self.pct_start < 1:
+            raise UserError(f"train: need --lr > 0 and 0 < --pct-start < 1 (got {self.lr}, {self.pct_start})")
+        if self.mode != "seg":
+            from segcompass.training.grpo import check_grpo_config
+
+            check_grpo_config(self)
+
+    def model_config(self) -> SegCompassConfig:
+        return SegCompassConfig(policy_preset=self.policy_preset, sae_layer=self.sae_layer,
+                                head_preset=self.head_preset, sam_preset=self.sam_preset,
+                                train_sam_encoder=self.sam_path is None, key_kernel=self.key_kernel,
+                                policy_image_keys=self.policy_image_keys)
+
+    def loss_config(self) -> SegLossConfig:
+        return SegLossConfig(seg_weight=self.seg_weight, conf_weight=self.conf_weight,
+                             dice_weight=self.dice_weight, heatmap_dice_weight=self.heatmap_dice_weight)
+
+
+def param_groups(model: SegCompass, cfg: TrainConfig) -> list[dict]:
+    """AdamW groups with the per-module multipliers; frozen parameters are left out."""
+    head, sam = model.head, model.sam
+    groups = {
+        "policy": (model.policy.parameters(), cfg.policy_lr_mult),
+        "codebook": ([*head.codebook.parameters(), *head.aggregator.parameters()], cfg.codebook_lr_mult),
+        "slot_mapper": (head.slot_mapper.parameters(), cfg.slot_mapper_lr_mult),
+        "decoder": ([*sam.prompt_encoder.parameters(), *sam.mask_decoder.parameters(),
+                     *sam.shared_image_embedding.parameters()], cfg.decoder_lr_mult),
+        "sam_encoder": (sam.vision_encoder.parameters(), cfg.sam_encoder_lr_mult),
+    }
+    out, seen = [], set()
+    for name, (params, mult) in groups.items():
+        # SAM's prompt encoder holds the shared positional embedding too: count it once.
+        trainable = []
+        for param in params:
+            if param.requires_grad and id(param) not in seen:
+                seen.add(id(param))
+                trainable.append(param)
+        if trainable:
+            out.append({"name": name, "params": trainable, "lr": cfg.lr * mult})
+    return out
+
+
+class StepResult(NamedTuple):
+    loss: SegLossOutput
+    """Loss components of the step."""
+    match_iou: float
+    """Mean soft IoU of the matched (slot, target) pairs."""
+    sae_mse: float
+    """The frozen SAE's reconstruction MSE on the batch's SAE tokens (Figure 8's x axis)."""
+
+
+def slot_embedding_keep(cfg: TrainConfig, step: int, batch_size: int) -> torch.Tensor | None:
+    """(B,) bool: which samples of step `step` keep their e_k; None when the dropout is off.
+    Keyed by (seed, step) with its own generator, so it neither reads nor moves torch's RNG."""
+    if cfg.slot_embedding_dropout == 0:
+        return None
+    generator = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
+    return torch.rand(batch_size, generator=generator) >= cfg.slot_embedding_dropout
+
+
+def step_samples(cfg: TrainConfig, step: int) -> list[WorldSample]:
+    """World `train` samples step*B .. step*B + B-1, each replaced by its hallucinated twin with
+    probability `hallucination_share` (own generator keyed by seed and step: resumable, and
+    torch's RNG untouched)."""
+    samples = list(iter_samples("train", cfg.batch_size, cfg.seed, step * cfg.batch_size))
+    if cfg.hallucination_share == 0:
+        return samples
+    rng = np.random.default_rng([cfg.seed, step, 0x4A11])
+    swap = rng.random(len(samples)) < cfg.hallucination_share  # (B,)
+    return [(hallucinated_sample(s, rng) or s) if flip else s for s, flip in zip(samples, swap)]
+
+
+def seg_step(model: SegCompass, batch: SegBatch, loss_cfg: SegLossConfig,
+             keep_slot_embeddings: torch.Tensor | None = None) -> StepResult:
+    """Forward one batch and compute the segmentation loss (no backward)."""
+    embeddings = model.image_embeddings(batch.images)
+    keep = None if keep_slot_embeddings is None else keep_slot_embeddings.to(embeddings.device)
+    out = model(batch.model_batch, embeddings, keep)
+    loss = segmentation_loss(out.head.heatmap_logits, out.head.mask_logits, out.head.confidence_logits,
+                             batch.frame_targets, loss_cfg, active_slots=batch.active_slots)
+    scores = [float(s) for m in loss.matches for s in m.score]
+    with torch.no_grad():
+        tokens = out.slots.sae_tokens.to(model.sae.W_enc.dtype)
+        sae_mse = float((model.sae(tokens) - tokens).pow(2).sum(-1).mean())
+    return StepResult(loss, sum(scores) / len(scores) if scores else 0.0, sae_mse)
+
+
+def train(cfg: TrainConfig, *, progress: bool = True, stop_after: int | None = None) -> Path:
+    """Run (or resume) training; returns the final checkpoint folder `out/final`."""
+    if cfg.mode != "seg":  # GRPO modes run on TRL (segcompass.training.grpo); everything below is mode seg
+        from segcompass.training.grpo import train_grpo
+
+        return train_grpo(cfg, progress=progress, stop_after=stop_after)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    device = resolve_device(cfg.device)
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    checkpoint = resolve_directory(out / "checkpoint", TRAINER_STATE) if cfg.resume else None
+    if checkpoint is not None:
+        model = load_segcompass(checkpoint, device=device)
+    else:
+        model = build_segcompass(cfg.model_config(), policy_path=cfg.policy, sae_path=cfg.sae,
+                                 sam_path=cfg.sam_path, seed=cfg.seed, device=device)
+    optimizer = torch.optim.AdamW(param_groups(model, cfg), weight_decay=cfg.weight_decay)
+    scheduler = torch.optim.lr_scheduler.OneCycleLR(
+        optimizer, max_lr=[g["lr"] for g in optimizer.param_groups], total_steps=cfg.steps,
+        pct_start=cfg.pct_start)
+    start = _restore(checkpoint, cfg, optimizer, scheduler, device) if checkpoint else 0
+    if start == 0:
+        torch.manual_seed(cfg.seed)
+    model.train()
+    loss_cfg = cfg.loss_config()
+    bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, desc="seg train",
+               disable=not progress)
+    for step in bar:
+        batch = batch_from_samples(model, step_samples(cfg, step))
+        t0 = time.perf_counter()
+        result = seg_step(model, batch, loss_cfg, slot_embedding_keep(cfg, step, cfg.batch_size))
+        optimizer.zero_grad(set_to_none=True)
+        result.loss.total.backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(
+            [p for g in optimizer.param_groups for p in g["params"]], cfg.grad_clip)
+        optimizer.step()
+        scheduler.step()
+        bar.set_postfix(loss=f"{result.loss.total.item():.3f}", iou=f"{result.match_iou:.2f}")
+        done = step + 1
+        if done % cfg.log_every == 0 or done == cfg.steps:
+            _log(out, done, result, grad_norm, optimizer, time.perf_counter() - t0)
+        if done % cfg.checkpoint_every == 0 or done == cfg.steps:
+            _save(out / "checkpoint", model, cfg, optimizer, scheduler, done)
+        if stop_after is not None and done >= stop_after:
+            return out / "checkpoint"
+    final = out / "final"
+    save_segcompass(model, final, sae_path=cfg.sae, record={"steps": cfg.steps, "config": _record(cfg)})
+    return final
+
+
+def _record(cfg: TrainConfig) -> dict:
+    return json.loads(json.dumps(asdict(cfg), default=str))
+
+
+def _log(out: Path, step: int, result: StepResult, grad_norm, optimizer, seconds: float) -> None:
+    loss = result.loss
+    record = {"step": step, "loss": loss.total.item(), "seg": loss.seg.item(),
+              "heatmap_bce": loss.heatmap_bce.item(), "mask_dice": loss.mask_dice.item(),
+              "conf": loss.conf.item(), "match_iou": result.match_iou, "sae_mse": result.sae_mse, "matched": loss.num_matched,
+              "targets": loss.num_targets, "unmatched_targets": loss.num_unmatched_targets,
+              "grad_norm": float(grad_norm), "step_seconds": seconds,
+              "lr": {g["name"]: g["lr"] for g in optimizer.param_groups}}
+    with open(out / "metrics.jsonl", "a") as handle:
+        handle.write(json.dumps(record) + "\n")
+
+
+def _save(directory: Path, model: SegCompass, cfg: TrainConfig, optimizer, scheduler, step: int) -> None:
+    """Model, optimizer, scheduler, RNG and step in one folder, swapped in atomically."""
+    with atomic_directory(directory) as tmp:
+        write_checkpoint(model, tmp, sae_path=cfg.sae, record={"steps_done": step})
+        tensors, groups = optimizer_state_tensors(optimizer)
+        save_file(tensors, str(tmp / OPTIMIZER_FILE))
+        save_file({"torch": torch.get_rng_state()}, str(tmp / RNG_FILE))
+        atomic_write_json(tmp / TRAINER_STATE, {"step": step, "param_groups": groups,
+                                                "scheduler": scheduler.state_dict(), "config": _record(cfg)})
+
+
+_RESUME_IRRELEVANT = ("out", "resume", "threads", "device", "log_every", "checkpoint_every")
+
+
+def _restore(directory: Path, cfg: TrainConfig, optimizer, scheduler, device) -> int:
+    state = json.loads((directory / TRAINER_STATE).read_text())
+    mine = _record(cfg)
+    changed = [k for k, v in state["config"].items() if k not in _RESUME_IRRELEVANT and mine.get(k) != v]
+    if changed:
+        raise UserError(f"train: {directory} was written with different settings ({', '.join(changed)}); "
+                        "use another --out or --no-resume")
+    load_optimizer_state(optimizer, load_file(str(directory / OPTIMIZER_FILE)), state["param_groups"], device)
+    scheduler.load_state_dict(state["scheduler"])
+    torch.set_rng_state(load_file(str(directory / RNG_FILE))["torch"])
+    return int(state["step"])
