@@ -153,7 +153,7 @@ def first_errors(loaded, samples: Sequence, *, grid: int, batch_size: int = 50) 
     (a position word, a colour after 'the other', 'there' for a missing object), without
     the later steps being confounded by an earlier mistake.
     """
-    from segcompass.world.warmstart import reference_example, teacher_batch
+    from segcompass.world.teacher import reference_example, teacher_batch
 
     model, tokenizer = loaded.model, loaded.tokenizer
     device = next(model.parameters()).device

@@ -4,7 +4,8 @@ import torch
 
 from segcompass.world.scenes import generate
 from segcompass.world.policy_eval import FirstError, first_error_patterns, first_errors
-from segcompass.world.warmstart import WarmstartConfig, build_policy, reference_example, teacher_batch
+from segcompass.world.teacher import reference_example, teacher_batch
+from segcompass.world.warmstart import WarmstartConfig, build_policy
 
 TINY = dict(hidden_size=32, n_layers=1, n_heads=2, vision_hidden_size=16, vision_layers=2, image_size=32,
             patch_size=8)
