@@ -18,7 +18,7 @@ from PIL import Image
 
 from saekit.capture import capture
 from saekit.inputs import build_batch
-from saekit.models import build_tiny_llava
+from saekit.tiny import build_tiny_llava
 
 N_LAYERS, LAYER = 32, 16
 PROMPTS = ["what is the red circle in the middle of the picture ?", "find the dog",

@@ -34,7 +34,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from saekit.errors import UserError
-from saekit.inputs import PAD_TYPE, TokenType
+from saekit.inputs import PAD_TYPE, TOKEN_TYPE_NAMES, TokenType, token_type_codes  # noqa: F401 (re-exported)
 from saekit.sources import ImageTextSample, Source, SourceItem, SourceStats, open_source
 
 if TYPE_CHECKING:
@@ -46,8 +46,6 @@ MANIFEST_NAME = "manifest.json"
 SHARD_NAME = "shard_{:05d}.safetensors"
 CACHE_FORMAT = "saekit-activation-cache"
 CACHE_VERSION = 1
-# Names used in configs and manifests; index = `TokenType` value.
-TOKEN_TYPE_NAMES: tuple[str, ...] = tuple(t.name.lower() for t in sorted(TokenType))
 STORAGE_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 # Config fields that may change between an interrupted run and its resumption.
 RESUMABLE_DIFFERENCES = ("out", "device")
@@ -109,18 +107,6 @@ class CacheConfig:
         token_type_codes(self.token_types)  # validates the names
         if len(set(self.layers)) != len(self.layers):
             raise UserError(f"layers must be distinct, got {list(self.layers)}")
-
-
-def token_type_codes(names: Iterable[str] | None) -> tuple[int, ...]:
-    """Token type names -> sorted `TokenType` codes (None -> all)."""
-    if names is None:
-        return tuple(range(len(TOKEN_TYPE_NAMES)))
-    names = tuple(names)
-    unknown = [n for n in names if n not in TOKEN_TYPE_NAMES]
-    if unknown or not names:
-        raise UserError(f"token types must be a non-empty selection of {list(TOKEN_TYPE_NAMES)}, "
-                        f"got {list(names)}")
-    return tuple(sorted({TOKEN_TYPE_NAMES.index(n) for n in names}))
 
 
 def _replace_durably(tmp: Path, path: Path) -> None:

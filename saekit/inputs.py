@@ -8,7 +8,7 @@ placeholder positions also get their (row, col) on the LLM's image-token grid.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from enum import IntEnum
 from typing import Any, NamedTuple
 
@@ -32,6 +32,22 @@ class TokenType(IntEnum):
     """A token of the assistant's response text (after the assistant prefix)."""
     SPECIAL = 3
     """BOS/EOS, chat markers (USER:, <|im_start|>assistant, ...), vision start/end."""
+
+
+# Names used in configs and manifests; index = `TokenType` value.
+TOKEN_TYPE_NAMES: tuple[str, ...] = tuple(t.name.lower() for t in sorted(TokenType))
+
+
+def token_type_codes(names: Iterable[str] | None) -> tuple[int, ...]:
+    """Token type names -> sorted `TokenType` codes (None -> all)."""
+    if names is None:
+        return tuple(range(len(TOKEN_TYPE_NAMES)))
+    names = tuple(names)
+    unknown = [n for n in names if n not in TOKEN_TYPE_NAMES]
+    if unknown or not names:
+        raise UserError(f"token types must be a non-empty selection of {list(TOKEN_TYPE_NAMES)}, "
+                        f"got {list(names)}")
+    return tuple(sorted({TOKEN_TYPE_NAMES.index(n) for n in names}))
 
 
 class ModelBatch(NamedTuple):

@@ -13,7 +13,7 @@ from collections.abc import Sequence
 
 import torch
 
-from saekit.models import PRESETS, LoadedModel, ModelPreset
+from saekit.presets import PRESETS, LoadedModel, ModelPreset
 
 UNK, BOS, EOS, PAD = "<unk>", "<s>", "</s>", "<pad>"
 BASE_SPECIALS = (UNK, BOS, EOS, PAD)

@@ -16,7 +16,7 @@ import dataclasses
 from pathlib import Path
 from typing import Literal, NamedTuple
 
-from saekit.cache import TOKEN_TYPE_NAMES, token_type_codes
+from saekit.inputs import token_type_codes
 from saekit.errors import UserError
 
 Architecture = Literal["standard", "topk"]

@@ -18,7 +18,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import Tensor
 
-from saekit.cache import TOKEN_TYPE_NAMES, token_type_codes
+from saekit.inputs import TOKEN_TYPE_NAMES, token_type_codes
 from saekit.errors import UserError
 from saekit.sae.model import SparseAutoencoder
 from saekit.sparse import SparseCodes

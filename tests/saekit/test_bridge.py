@@ -18,7 +18,8 @@ from PIL import Image
 
 from saekit.capture import capture, layer_metadata
 from saekit.inputs import TokenType, build_batch
-from saekit.models import build_tiny_llava, load_model, save_pretrained
+from saekit.models import load_model, save_pretrained
+from saekit.tiny import build_tiny_llava
 
 PROMPTS = ["what is the red circle ?", "find the dog on the left", "point at it"]
 RESPONSES = [None, "the dog is left of the cat .", None]

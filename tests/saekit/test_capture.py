@@ -10,7 +10,7 @@ from PIL import Image
 from saekit.capture import capture, capture_padded, decoder_layers, layer_metadata
 from saekit.errors import UserError
 from saekit.inputs import TokenType, build_batch
-from saekit.models import build_tiny_llava, build_tiny_qwen2_5_vl
+from saekit.tiny import build_tiny_llava, build_tiny_qwen2_5_vl
 
 PROMPTS = ["what is the red circle ?", "find the dog", "segment all people in the picture ."]
 RESPONSES = [None, "the dog is left of the cat .", "<think> many people </think> <REF_POS>"]

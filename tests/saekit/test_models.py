@@ -11,8 +11,8 @@ from PIL import Image
 
 from saekit.errors import UserError
 from saekit.inputs import build_batch, format_prompt
-from saekit.models import (PRESETS, build_tiny_llava, build_tiny_qwen2_5_vl, load_model,
-                           save_pretrained)
+from saekit.models import PRESETS, load_model, save_pretrained
+from saekit.tiny import build_tiny_llava, build_tiny_qwen2_5_vl
 
 BUILDERS = {"tiny-llava": build_tiny_llava, "tiny-qwen2.5-vl": build_tiny_qwen2_5_vl}
 
