@@ -81,6 +81,11 @@ class HeadConfig:
     (testA 0.23 -> 0.13, reason 0.32 -> 0.19), hence the lower `reason` score."""
     sam_preset: str = "sam-vit-h"
     """SAM preset whose image embedding, prompt encoder and mask decoder the head uses."""
+    routing: Literal["paper", "concepts"] = "paper"
+    """What the slot mapper reads. 'paper': raw concentration-token states e_k (and, with
+    `policy_image_keys`, raw image-token states). 'concepts': only thresholded SAE atoms and
+    SAM's embedding: e_k is read as its own SAE code through the codebook, the keys add the
+    image tokens' codes through a key codebook (`SegCompassHead`), so the atoms decide."""
 
     def __post_init__(self) -> None:
         for name in ("d_sae", "d_llm", "d_c", "num_slots", "aggregator_heads", "aggregator_ff",
@@ -93,6 +98,8 @@ class HeadConfig:
             raise ValueError(f"HeadConfig.key_kernel must be odd, got {self.key_kernel}")
         if self.threshold < 0 or not 0 <= self.dropout < 1:
             raise ValueError("threshold must be >= 0 and dropout in [0, 1)")
+        if self.routing not in ("paper", "concepts"):
+            raise ValueError(f"routing must be paper or concepts, got {self.routing!r}")
         if self.codebook_tokens not in ("per_token", "per_atom"):
             raise ValueError(f"codebook_tokens must be per_token or per_atom, got {self.codebook_tokens!r}")
 
@@ -132,11 +139,14 @@ def build_aggregator(cfg: HeadConfig) -> ConceptAggregator:
 
 
 def build_slot_mapper(cfg: HeadConfig, *, image_dim: int) -> SlotMapper:
-    return SlotMapper(llm_dim=cfg.d_llm, concept_dim=cfg.d_c, image_dim=image_dim, query_dim=cfg.query_dim,
+    # concept routing: queries and policy keys are codebook vectors (d_c), not raw states (d_llm)
+    query_in = cfg.d_c if cfg.routing == "concepts" else cfg.d_llm
+    policy_keys = cfg.d_c if cfg.routing == "concepts" else (cfg.d_llm if cfg.policy_image_keys else 0)
+    return SlotMapper(llm_dim=query_in, concept_dim=cfg.d_c, image_dim=image_dim, query_dim=cfg.query_dim,
                       mlp_hidden=cfg.query_mlp_hidden, num_heads=cfg.mapper_heads,
                       head_dim=cfg.mapper_head_dim, map_hidden=cfg.map_head_hidden, upsample=4,
                       confidence_uses_query=cfg.confidence_uses_query, key_kernel=cfg.key_kernel,
-                      policy_dim=cfg.d_llm if cfg.policy_image_keys else 0)
+                      policy_dim=policy_keys)
 
 
 def build_mask_decoder(sam: SamModel) -> SlotMaskDecoder:
@@ -153,4 +163,5 @@ def build_head(cfg: HeadConfig, sam: SamModel) -> SegCompassHead:
     """The full head; its mask decoder is `sam`'s (load or build `sam` for cfg.sam_preset)."""
     return SegCompassHead(codebook=build_codebook(cfg), aggregator=build_aggregator(cfg),
                           slot_mapper=build_slot_mapper(cfg, image_dim=sam.config.vision_config.output_channels),
-                          mask_decoder=build_mask_decoder(sam))
+                          mask_decoder=build_mask_decoder(sam),
+                          key_codebook=build_codebook(cfg) if cfg.routing == "concepts" else None)

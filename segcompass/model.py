@@ -36,7 +36,7 @@ from segcompass.sam import build_sam, load_sam, preprocess_images
 
 CONFIG_FILE = "segcompass.json"
 HEAD_WEIGHTS = "head.safetensors"
-_HEAD_OWN_PREFIXES = ("codebook.", "aggregator.", "slot_mapper.")  # the mask decoder lives in sam/
+_HEAD_OWN_PREFIXES = ("codebook.", "key_codebook.", "aggregator.", "slot_mapper.")  # the mask decoder lives in sam/
 
 
 @dataclass(frozen=True)
@@ -57,6 +57,8 @@ class SegCompassConfig:
     """Slot-mapper key projection side (`HeadConfig.key_kernel`); 0 = the head preset's."""
     policy_image_keys: str = "preset"
     """'on' / 'off': override `HeadConfig.policy_image_keys`; 'preset' = the head preset's."""
+    head_routing: str = "preset"
+    """'paper' / 'concepts': override `HeadConfig.routing`; 'preset' = the head preset's."""
 
 
 class SegCompassOutput(NamedTuple):
@@ -70,6 +72,25 @@ class SegCompassOutput(NamedTuple):
     """SAE codes of the SAE tokens (atoms with |h| >= the codebook threshold)."""
     policy_image: Tensor | None
     """(B, n_image, d_llm) the image tokens' layer-L states the slot mapper keyed on, or None."""
+
+
+class HeadInputs(NamedTuple):
+    """Everything the head reads for one batch: the place where causal tests intervene."""
+
+    codes: SparseCodes
+    """SAE codes of all N SAE tokens (atoms with |h| >= the codebook threshold)."""
+    token_sample_index: Tensor
+    """(N,) int64 sample of each SAE token."""
+    slot_embeddings: Tensor
+    """(B, K_s, d_llm) raw concentration-token states e_k (read by the paper routing only)."""
+    image_embeddings: Tensor
+    """(B, C, h, w) SAM image embeddings."""
+    policy_image: Tensor | None
+    """(B, g*g, d_llm) raw layer-L image states (paper routing with policy image keys), or None."""
+    slot_rows: Tensor
+    """(B, K_s) int64 code row of each slot's concentration token (-1: none)."""
+    image_rows: Tensor
+    """(B, g*g) int64 code row of each image token, raster order (-1: none)."""
 
 
 class SegCompass(nn.Module):
@@ -108,15 +129,40 @@ class SegCompass(nn.Module):
         keep_slot_embeddings: optional (B,) bool; a False sample's e_k are zeroed, so its slots
         see only the SAE concept pathway r_k (training-time dropout, `TrainConfig.slot_embedding_dropout`).
         """
+        slots, inputs = self.head_inputs(forward, batch, image_embeddings)
+        if keep_slot_embeddings is not None:
+            keep = keep_slot_embeddings.to(inputs.slot_embeddings)[:, None, None]
+            inputs = inputs._replace(slot_embeddings=inputs.slot_embeddings * keep)
+        return SegCompassOutput(self.run_head(inputs), forward, slots, inputs.codes, inputs.policy_image)
+
+    def head_inputs(self, forward: PolicyForward, batch: ModelBatch,
+                    image_embeddings: Tensor) -> tuple[SlotInputs, HeadInputs]:
+        """The slot inputs of one policy pass and what the head reads from them."""
         slots = slot_inputs(forward, batch, self.ref_token_id, self.head.num_slots)
         codes = encode_sparse(self.sae, slots.sae_tokens.detach().to(self.sae.W_enc.dtype),
                               threshold=self.head_cfg.threshold)  # the SAE is frozen: no gradient
-        slot_embeddings = slots.slot_embeddings.float()  # (B, K_s, d_llm)
-        if keep_slot_embeddings is not None:
-            slot_embeddings = slot_embeddings * keep_slot_embeddings.to(slot_embeddings)[:, None, None]
-        policy_image = policy_image_tokens(forward, batch) if self.head_cfg.policy_image_keys else None
-        head = self.head(codes, slots.token_sample_index, slot_embeddings, image_embeddings, policy_image)
-        return SegCompassOutput(head, forward, slots, codes, policy_image)
+        reads_image = self.head_cfg.policy_image_keys or self.head.concept_routed
+        policy_image = policy_image_tokens(forward, batch) if reads_image else None
+        image_rows = slots.token_rows(image_positions(batch).to(slots.token_position.device)) if reads_image else slots.slot_positions[:, :0]
+        return slots, HeadInputs(codes, slots.token_sample_index, slots.slot_embeddings.float(), image_embeddings,
+                                 policy_image, slots.token_rows(slots.slot_positions), image_rows)
+
+    def run_head(self, inputs: HeadInputs) -> HeadOutput:
+        """The head on (possibly edited) inputs."""
+        policy_image = inputs.policy_image if self.head_cfg.policy_image_keys else None
+        return self.head(inputs.codes, inputs.token_sample_index, inputs.slot_embeddings, inputs.image_embeddings,
+                         policy_image, slot_rows=inputs.slot_rows, image_rows=inputs.image_rows)
+
+
+def image_positions(batch: ModelBatch) -> Tensor:
+    """(B, n_image) int64 positions of each sample's image tokens, in raster order."""
+    from saekit.inputs import TokenType
+
+    is_image = batch.token_types == int(TokenType.IMAGE)  # (B, T)
+    counts = is_image.sum(1)
+    if not bool((counts == counts[0]).all()):
+        raise ValueError(f"image keys need the same number of image tokens per sample, got {counts.tolist()}")
+    return is_image.nonzero(as_tuple=True)[1].view(len(counts), int(counts[0]))  # (B*n,) -> (B, n)
 
 
 def policy_image_tokens(forward: PolicyForward, batch: ModelBatch) -> Tensor:
@@ -165,6 +211,10 @@ def build_segcompass(config: SegCompassConfig, *, policy_path: str | Path, sae_p
         raise UserError(f"policy_image_keys must be preset, on or off, got {config.policy_image_keys!r}")
     if config.policy_image_keys != "preset":
         overrides["policy_image_keys"] = config.policy_image_keys == "on"
+    if config.head_routing not in ("preset", "paper", "concepts"):
+        raise UserError(f"head_routing must be preset, paper or concepts, got {config.head_routing!r}")
+    if config.head_routing != "preset":
+        overrides["routing"] = config.head_routing
     cfg = head_config(config.head_preset, d_sae=sae.d_sae, d_llm=policy.preset.d_model,
                       sam_preset=config.sam_preset, **overrides)
     sam = load_sam(config.sam_preset, sam_path, device=device) if sam_path else build_sam(config.sam_preset, seed=seed)

@@ -53,6 +53,18 @@ class SlotInputs(NamedTuple):
     """(B, K, d) last-layer states at the first K concentration tokens of each response."""
     slots_written: Tensor
     """(B,) int64 how many concentration tokens the response actually contains (capped at K)."""
+    slot_positions: Tensor
+    """(B, K) int64 position of each slot's concentration token (the last token where missing)."""
+
+    def token_rows(self, positions: Tensor) -> Tensor:
+        """Rows of `sae_tokens` at (B, n) positions of each sample; -1 where a position is no SAE token."""
+        batch = positions.shape[0]
+        length = int(max(int(self.token_position.max()) + 1 if len(self.token_position) else 0,
+                         int(positions.max()) + 1 if positions.numel() else 0))
+        lookup = torch.full((batch, length), -1, dtype=torch.int64, device=positions.device)
+        lookup[self.token_sample_index, self.token_position] = torch.arange(
+            len(self.token_position), device=positions.device)  # (B, T): row of each SAE token
+        return lookup.gather(1, positions.clamp(min=0)).masked_fill(positions < 0, -1)  # (B, n)
 
 
 def final_norm(model: torch.nn.Module) -> torch.nn.Module:
@@ -121,7 +133,7 @@ def slot_inputs(forward: PolicyForward, batch: ModelBatch, ref_token_id: int, nu
         written[row] = len(refs)
     rows = torch.arange(batch_size, device=types.device)[:, None]
     slot_embeddings = forward.last_hidden[rows, positions]  # (B, K, d)
-    return SlotInputs(sae_tokens, sample_index, position, slot_embeddings, written)
+    return SlotInputs(sae_tokens, sample_index, position, slot_embeddings, written, positions)
 
 
 def ref_token_id(loaded: LoadedModel) -> int:

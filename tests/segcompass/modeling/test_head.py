@@ -104,3 +104,52 @@ def test_paper_dimensions():
                    torch.randn(1, 6, 3584), torch.randn(1, 256, 64, 64))
     assert out.heatmap_logits.shape == (1, 6, 256, 256) and out.mask_logits.shape == (1, 6, 256, 256)
     assert out.provenance.slot_attention.shape == (1, 6, 40)
+
+
+@pytest.fixture(scope="module")
+def routed():
+    cfg = head_config("tiny-llava", d_sae=256, routing="concepts")
+    sam = build_sam(cfg.sam_preset, seed=0)
+    torch.manual_seed(0)
+    return cfg, build_head(cfg, sam)
+
+
+def _routed_inputs(cfg, seed: int = 0):
+    codes = codes_for(20, cfg.d_sae, seed=seed)
+    sample = torch.tensor([0] * 10 + [1] * 10)
+    slot_rows = torch.tensor([[6, 7, 8, 9], [16, 17, 18, 19]])  # concentration tokens: last 4 of each
+    image_rows = torch.cat([torch.arange(0, 4).repeat(16)[None], torch.arange(10, 14).repeat(16)[None]])  # (2, 64)
+    return codes, sample, slot_rows, image_rows
+
+
+def test_concept_routed_head_reads_no_raw_state(routed):
+    """Raw e_k and raw image states are ignored: any change to them leaves every output equal."""
+    cfg, head = routed
+    codes, sample, slot_rows, image_rows = _routed_inputs(cfg)
+    image = torch.randn(2, 64, 16, 16)
+    with torch.no_grad():
+        a = head(codes, sample, torch.randn(2, cfg.num_slots, cfg.d_llm), image, torch.randn(2, 64, cfg.d_llm),
+                 slot_rows=slot_rows, image_rows=image_rows)
+        b = head(codes, sample, None, image, None, slot_rows=slot_rows, image_rows=image_rows)
+        zero = codes._replace(values=torch.zeros_like(codes.values))
+        c = head(zero, sample, None, image, None, slot_rows=slot_rows, image_rows=image_rows)
+    for field in ("heatmap_logits", "confidence_logits", "mask_logits"):
+        assert torch.equal(getattr(a, field), getattr(b, field))
+        assert not torch.allclose(getattr(a, field), getattr(c, field))  # the codes decide
+
+
+def test_concept_routed_head_learns_both_codebooks_and_names_the_direct_path(routed):
+    cfg, head = routed
+    codes, sample, slot_rows, image_rows = _routed_inputs(cfg, seed=2)
+    out = head(codes, sample, None, torch.randn(2, 64, 16, 16), slot_rows=slot_rows, image_rows=image_rows)
+    (out.heatmap_logits.mean() + out.confidence_logits.mean()).backward()
+    assert head.key_codebook.weight.grad.abs().sum() > 0 and head.codebook.weight.grad.abs().sum() > 0
+    prov = out.provenance
+    own = prov.pair_token == slot_rows[prov.pair_sample, 0]  # pairs of sample b's slot-0 token
+    # the direct path adds each own pair's share within its token (shares sum to 1 per token)
+    for b in (0, 1):
+        mine = own & (prov.pair_sample == b)
+        assert mine.any() and float(prov.pair_slot_weight[mine, 0].sum()) >= 1 - 1e-5
+    head.zero_grad()
+    with pytest.raises(ValueError, match="slot_rows"):
+        head(codes, sample, None, torch.randn(2, 64, 16, 16))
