@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +20,7 @@ from matplotlib.axes import Axes
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from saekit.atomic import atomic_write_text
+from saekit.atomic import atomic_file, atomic_write_text
 
 GROUP_COLOURS = ("#1f77b4", "#ff7f0e", "#2ca02c", "#7f7f7f", "#d62728", "#9467bd")
 """Line colours in a fixed order, so a group keeps its colour across figures."""
@@ -69,9 +68,8 @@ def save_png(fig: Figure, path: str | Path, *, dpi: int = 150) -> Path:
         raise ValueError(f"figure for {path} is not readable: {'; '.join(problems)}")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    fig.savefig(tmp, format="png", dpi=dpi)
-    os.replace(tmp, path)
+    with atomic_file(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=dpi)
     return path
 
 

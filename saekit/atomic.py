@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -16,15 +17,39 @@ from typing import Any
 import torch
 
 
+@contextmanager
+def atomic_file(path: str | Path, *, unique: bool = False) -> Iterator[Path]:
+    """Yield a temporary sibling of `path` for any writer to fill (safetensors' `save_file`,
+    PIL, matplotlib, `open`); on success it is flushed to disk and renamed over `path`.
+
+    The temporary name is `<path>.tmp`, or with `unique` one of its own (`<path>.XXXX.tmp`,
+    for a file other processes may be writing too). An error removes it; `path` stays as it was.
+    """
+    path = Path(path)
+    if unique:
+        fd, name = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
+        os.close(fd)
+        tmp = Path(name)
+    else:
+        tmp = path.with_name(path.name + ".tmp")
+    try:
+        yield tmp
+        with open(tmp, "rb+") as handle:
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+    with atomic_file(path) as tmp:
+        tmp.write_bytes(data)
+
+
 def atomic_write_text(path: str | Path, text: str) -> None:
     """Write `text` to a temporary sibling, flush it to disk, then rename over `path`."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as handle:
-        handle.write(text)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
+    with atomic_file(path) as tmp:
+        tmp.write_text(text)
 
 
 def atomic_write_json(path: str | Path, record: Any) -> None:

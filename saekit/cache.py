@@ -22,7 +22,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import os
 import time
 import weakref
 from pathlib import Path
@@ -33,8 +32,10 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from saekit.atomic import atomic_file, atomic_write_json
 from saekit.errors import UserError
 from saekit.inputs import PAD_TYPE, TOKEN_TYPE_NAMES, TokenType, token_type_codes  # noqa: F401 (re-exported)
+from saekit.run import check_resume, config_record, free_on_resume
 from saekit.sources import ImageTextSample, Source, SourceItem, SourceStats, open_source
 
 if TYPE_CHECKING:
@@ -47,8 +48,6 @@ SHARD_NAME = "shard_{:05d}.safetensors"
 CACHE_FORMAT = "saekit-activation-cache"
 CACHE_VERSION = 1
 STORAGE_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-# Config fields that may change between an interrupted run and its resumption.
-RESUMABLE_DIFFERENCES = ("out", "device")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,7 +59,7 @@ class CacheConfig:
     data: Path
     """Image-text data: a .jsonl file (plain or OBELICS documents) or a
     datasets.save_to_disk folder."""
-    out: Path
+    out: Path = free_on_resume()
     """Output folder for the shards and manifest.json; an unfinished cache there is resumed."""
     model_path: Path | None = None
     """Local folder with the model weights; none: the preset's hub id in the local HF
@@ -88,7 +87,7 @@ class CacheConfig:
     """Text field of a plain JSONL line or datasets folder."""
     model_dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     """Compute dtype of the model: auto = float32 on CPU, bfloat16 on a GPU."""
-    device: str = "auto"
+    device: str = free_on_resume("auto")
     """Device for the model: auto (cuda when available, else cpu), cpu, cuda, cuda:1, ..."""
 
     def __post_init__(self) -> None:
@@ -109,27 +108,13 @@ class CacheConfig:
             raise UserError(f"layers must be distinct, got {list(self.layers)}")
 
 
-def _replace_durably(tmp: Path, path: Path) -> None:
-    """Flush `tmp` to disk, then rename it to `path` (readers see old or new, never half)."""
-    with tmp.open("rb+") as handle:
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
-
-
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_bytes(data)
-    _replace_durably(tmp, path)
-
-
 def _atomic_save_shard(path: Path, tensors: dict[str, torch.Tensor]) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp))
-    _replace_durably(tmp, path)
+    with atomic_file(path) as tmp:
+        save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp))
 
 
 def _write_manifest(out: Path, manifest: dict[str, Any]) -> None:
-    _atomic_write_bytes(out / MANIFEST_NAME, (json.dumps(manifest, indent=2) + "\n").encode())
+    atomic_write_json(out / MANIFEST_NAME, manifest)
 
 
 def read_manifest(directory: Path) -> dict[str, Any]:
@@ -150,31 +135,6 @@ def read_manifest(directory: Path) -> dict[str, Any]:
 
 
 # --------------------------------------------------------------------------- writing
-
-def config_record(cfg: CacheConfig, layers: tuple[int, ...]) -> dict[str, Any]:
-    """The config as stored in the manifest: resolved layers and paths, without the
-    fields a resumed run may change (`out`, `device`)."""
-    record: dict[str, Any] = {}
-    for field in dataclasses.fields(cfg):
-        if field.name in RESUMABLE_DIFFERENCES:
-            continue
-        value = getattr(cfg, field.name)
-        if isinstance(value, Path):
-            value = str(value.expanduser().resolve())
-        elif isinstance(value, tuple):
-            value = list(value)
-        record[field.name] = value
-    record["layers"] = list(layers)
-    return record
-
-
-def check_same_config(stored: dict[str, Any], current: dict[str, Any], manifest_path: Path) -> None:
-    for name in sorted(set(stored) | set(current)):
-        if stored.get(name) != current.get(name):
-            raise UserError(f"{manifest_path} was written with {name}={stored.get(name)!r} but "
-                            f"this run has {name}={current.get(name)!r}: resume with the same "
-                            "settings, or choose a new --out")
-
 
 class _Batch(NamedTuple):
     items: list[SourceItem]
@@ -299,12 +259,12 @@ def _new_manifest(record: dict[str, Any], loaded: "LoadedModel", layers: tuple[i
     }
 
 
-def _existing_manifest(cfg: CacheConfig, record: dict[str, Any]) -> dict[str, Any] | None:
-    """The manifest of a cache already in `cfg.out` (checked against `record`), or None."""
+def _existing_manifest(cfg: CacheConfig) -> dict[str, Any] | None:
+    """The manifest of a cache already in `cfg.out` (checked against `cfg`), or None."""
     if not (cfg.out / MANIFEST_NAME).is_file():
         return None
     manifest = read_manifest(cfg.out)
-    check_same_config(manifest["config"], record, cfg.out / MANIFEST_NAME)
+    check_resume(manifest["config"], cfg, f"cache: {cfg.out / MANIFEST_NAME}")
     return manifest
 
 
@@ -325,8 +285,9 @@ def build_cache(cfg: CacheConfig, *, loaded: "LoadedModel | None" = None,
     preset = loaded.preset if loaded is not None else get_preset(cfg.model)
     layers = tuple(sorted(cfg.layers)) or (preset.default_layer,)
     check_layers(preset.n_layers, layers, preset.name)  # before anything is loaded or written
-    record = config_record(cfg, tuple(layers))
-    manifest = _existing_manifest(cfg, record)
+    cfg = dataclasses.replace(cfg, layers=layers)  # no layers = the preset default: record which
+    record = config_record(cfg)
+    manifest = _existing_manifest(cfg)
     if manifest is not None and manifest["complete"]:
         log.info("%s already holds a complete cache", cfg.out)
         return cfg.out

@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import warnings
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from saekit.atomic import atomic_write_json
 from saekit.errors import UserError
 from saekit.presets import PRESETS, LoadedModel, ModelPreset, get_preset  # noqa: F401 (re-exported)
 from saekit.tiny import build_tiny
@@ -176,9 +176,7 @@ def save_pretrained(loaded: LoadedModel, directory: str | Path) -> Path:
     if loaded.preset.family == "llava":
         _save_llava_processor(loaded, directory)
     # Written last, via a temporary name: its presence marks a complete folder.
-    tmp = directory / (PRESET_FILE + ".tmp")
-    tmp.write_text(json.dumps(dataclasses.asdict(loaded.preset), indent=2) + "\n")
-    os.replace(tmp, directory / PRESET_FILE)
+    atomic_write_json(directory / PRESET_FILE, dataclasses.asdict(loaded.preset))
     return directory
 
 

@@ -17,7 +17,6 @@ import dataclasses
 import io
 import json
 import math
-import os
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -26,6 +25,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
+from saekit.atomic import atomic_write_text
 from saekit.errors import UserError
 from segcompass.metrics import MetricAccumulator, SplitScores
 
@@ -161,12 +161,6 @@ def metrics_csv(scores: dict[str, SplitScores]) -> str:
     return buffer.getvalue()
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def write_results(out: str | Path, results: dict[str, SplitResult], meta: dict[str, Any] | None = None
                   ) -> dict[str, Path]:
     """Write the four files of the module docstring to `out`; returns name -> path."""
@@ -181,7 +175,7 @@ def write_results(out: str | Path, results: dict[str, SplitResult], meta: dict[s
         "predictions.json": json.dumps([rec for r in results.values() for rec in r.records]) + "\n",
     }
     for name, text in texts.items():
-        _write_atomic(out / name, text)
+        atomic_write_text(out / name, text)
     return {name: out / name for name in FILES}
 
 

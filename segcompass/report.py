@@ -17,13 +17,13 @@ import base64
 import html
 import io
 import json
-import os
 from pathlib import Path
 from typing import Any, NamedTuple
 
 import numpy as np
 from PIL import Image
 
+from saekit.atomic import atomic_write_bytes
 from segcompass.predictor import AtomTrace, Prediction
 
 MASK_COLOUR = np.array([255, 48, 48], dtype=np.float32)
@@ -288,30 +288,24 @@ def report_html(image: np.ndarray, instruction: str, prediction: Prediction, hea
 
 # ---------------------------------------------------------------------- files
 
-def _write_bytes(path: Path, data: bytes) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
-
-
 def write_report(out: str | Path, image: np.ndarray, instruction: str, prediction: Prediction, *,
                  atom_names: dict[int, str] | None = None, title: str = "SegCompass prediction") -> ReportFiles:
     """mask.png, overlay.png, heatmap_slot{k}.png, prediction.json and report.html in `out`."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    _write_bytes(out / "mask.png", png_bytes((prediction.mask * 255).astype(np.uint8)))
-    _write_bytes(out / "overlay.png", png_bytes(overlay_mask(image, prediction.mask)))
+    atomic_write_bytes(out / "mask.png", png_bytes((prediction.mask * 255).astype(np.uint8)))
+    atomic_write_bytes(out / "overlay.png", png_bytes(overlay_mask(image, prediction.mask)))
     heatmap_pngs, heatmap_paths = [], []
     for k in range(len(prediction.confidences)):
         title_k = f"slot {k}: confidence {prediction.confidences[k]:.3f}"
         heatmap_pngs.append(heatmap_figure(image, prediction.heatmaps[k], prediction.slot_masks[k], title_k))
         heatmap_paths.append(out / f"heatmap_slot{k}.png")
-        _write_bytes(heatmap_paths[-1], heatmap_pngs[-1])
+        atomic_write_bytes(heatmap_paths[-1], heatmap_pngs[-1])
     record = prediction_json(prediction, instruction, atom_names=atom_names,
                              heatmap_files=[p.name for p in heatmap_paths])
-    _write_bytes(out / "prediction.json", (json.dumps(record, indent=2) + "\n").encode())
+    atomic_write_bytes(out / "prediction.json", (json.dumps(record, indent=2) + "\n").encode())
     page = report_html(image, instruction, prediction, heatmap_pngs, atom_names=atom_names, title=title)
-    _write_bytes(out / "report.html", page.encode("utf-8"))
+    atomic_write_bytes(out / "report.html", page.encode("utf-8"))
     return ReportFiles(out / "report.html", out / "prediction.json", out / "mask.png", out / "overlay.png",
                        heatmap_paths)
 

@@ -14,8 +14,6 @@ the prompt encoder and mask decoder stay trainable (the paper trains the decoder
 from __future__ import annotations
 
 import hashlib
-import os
-import tempfile
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -29,6 +27,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 from transformers import SamConfig, SamModel
 
+from saekit.atomic import atomic_file
 from saekit.errors import UserError
 from segcompass.postprocess import resized_size
 
@@ -228,7 +227,7 @@ class ImageEmbeddingCache:
 
     Layout: `root/<model_tag>/<key[:2]>/<key>.safetensors` holding tensor `image_embedding`
     (C, h, w). `model_tag` must change whenever the encoder does (`encoder_fingerprint`).
-    Writes are atomic (temporary file, then `os.replace`), so a killed run leaves no torn file.
+    Writes are atomic (`saekit.atomic.atomic_file`), so a killed run leaves no torn file.
     """
 
     TENSOR_NAME = "image_embedding"
@@ -246,14 +245,8 @@ class ImageEmbeddingCache:
     def put(self, key: str, embedding: Tensor) -> None:
         path = self.path(key)
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-        os.close(fd)
-        try:
-            save_file({self.TENSOR_NAME: embedding.detach().cpu().contiguous()}, tmp)
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.remove(tmp)
+        with atomic_file(path, unique=True) as tmp:  # other processes may fill the same cache
+            save_file({self.TENSOR_NAME: embedding.detach().cpu().contiguous()}, str(tmp))
 
     def get_or_compute(self, images: Sequence[np.ndarray],
                        compute: Callable[[list[np.ndarray]], Tensor]) -> Tensor:

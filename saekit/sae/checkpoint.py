@@ -16,7 +16,6 @@ uninterrupted run would have seen.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -24,6 +23,7 @@ from typing import Any, NamedTuple
 import torch
 from safetensors.torch import load_file, save_file
 
+from saekit.atomic import atomic_directory
 from saekit.errors import UserError
 from saekit.sae.model import SparseAutoencoder
 
@@ -82,23 +82,18 @@ def save_checkpoint(out: Path, sae: SparseAutoencoder, optimizer: torch.optim.Op
     """Write a checkpoint folder atomically and remove the older ones; returns its path."""
     root = Path(out) / CHECKPOINT_DIR
     final = root / CHECKPOINT_NAME.format(state.step)
-    tmp = final.with_name(final.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    weights = {name: p.detach().contiguous().cpu() for name, p in _named_params(sae).items()}
-    save_file(weights, str(tmp / WEIGHTS_FILE))
-    save_file(optimizer_tensors(sae, optimizer), str(tmp / OPTIMIZER_FILE))
-    rng = {"since_fired": state.since_fired.cpu().contiguous(), "torch_rng_state": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        rng["cuda_rng_state"] = torch.cuda.get_rng_state()
-    save_file(rng, str(tmp / STATE_TENSORS_FILE))
-    record = {"format": CHECKPOINT_FORMAT, "step": state.step, "tokens": state.tokens,
-              "input_scale": state.input_scale, "data_position": {"start_batch": state.step},
-              "scheduler": {"step": state.step}, "config": state.config}
-    (tmp / STATE_JSON_FILE).write_text(json.dumps(record, indent=2) + "\n")
-    if final.exists():
-        shutil.rmtree(final)
-    os.replace(tmp, final)
+    with atomic_directory(final) as tmp:
+        weights = {name: p.detach().contiguous().cpu() for name, p in _named_params(sae).items()}
+        save_file(weights, str(tmp / WEIGHTS_FILE))
+        save_file(optimizer_tensors(sae, optimizer), str(tmp / OPTIMIZER_FILE))
+        rng = {"since_fired": state.since_fired.cpu().contiguous(), "torch_rng_state": torch.get_rng_state()}
+        if torch.cuda.is_available():
+            rng["cuda_rng_state"] = torch.cuda.get_rng_state()
+        save_file(rng, str(tmp / STATE_TENSORS_FILE))
+        record = {"format": CHECKPOINT_FORMAT, "step": state.step, "tokens": state.tokens,
+                  "input_scale": state.input_scale, "data_position": {"start_batch": state.step},
+                  "scheduler": {"step": state.step}, "config": state.config}
+        (tmp / STATE_JSON_FILE).write_text(json.dumps(record, indent=2) + "\n")
     for old in root.iterdir():
         if old != final and old.name.startswith("step_"):
             shutil.rmtree(old, ignore_errors=True)
@@ -111,7 +106,7 @@ def latest_checkpoint(out: Path) -> Path | None:
     if not root.is_dir():
         return None
     done = sorted(p for p in root.iterdir()
-                  if p.is_dir() and p.name.startswith("step_") and not p.name.endswith(".tmp"))
+                  if p.is_dir() and p.name.startswith("step_") and not p.name.endswith((".tmp", ".old")))
     return done[-1] if done else None
 
 

@@ -18,6 +18,7 @@ from typing import Literal, NamedTuple
 
 from saekit.inputs import token_type_codes
 from saekit.errors import UserError
+from saekit.run import free_on_resume
 
 Architecture = Literal["standard", "topk"]
 Normalization = Literal["none", "expected_average_only_in"]
@@ -28,7 +29,7 @@ GIB = 1024 ** 3
 class SAETrainConfig:
     """What to train on, the SAE's shape, and the optimisation recipe."""
 
-    out: Path
+    out: Path = free_on_resume()
     """Output folder: cfg.json + sae_weights.safetensors (sae-lens format), saekit.json, metrics.jsonl, checkpoints/. Re-running on the same folder resumes from its last checkpoint."""
     cache: Path | None = None
     """Activation cache written by `saekit cache` to train from (default: capture on the fly from --model/--data)."""
@@ -80,15 +81,15 @@ class SAETrainConfig:
     """topk: weight of the AuxK loss (Gao et al. 2024's 1/32)."""
     dead_tokens_window: int = 10_000_000
     """A latent that has not fired for this many training tokens counts as dead (dead_fraction metric; AuxK targets)."""
-    log_every: int = 100
+    log_every: int = free_on_resume(100)
     """Append a metrics line to metrics.jsonl every this many steps (and at the last step)."""
-    checkpoint_every: int = 1000
+    checkpoint_every: int = free_on_resume(1000)
     """Write a resumable checkpoint every this many steps (0: only the final files)."""
-    keep_checkpoints: bool = False
+    keep_checkpoints: bool = free_on_resume(False)
     """Keep checkpoints/ after the final files are written (default: delete them, they hold optimiser state)."""
     seed: int = 0
     """Seed of the weight initialisation and the data shuffling."""
-    device: str = "auto"
+    device: str = free_on_resume("auto")
     """Device: auto (cuda when available, else cpu), cpu, cuda, cuda:1, ..."""
     dtype: Literal["float32", "bfloat16"] = "float32"
     """Dtype of weights, optimiser state and arithmetic. float32 is the recipe; bfloat16 halves memory on a GPU (never on a CPU: its bf16 matmuls are ~300x slower)."""

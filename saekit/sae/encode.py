@@ -9,7 +9,6 @@ keeps exactly the non-zero latents); with top_k, at most the top_k largest of th
 from __future__ import annotations
 
 import dataclasses
-import os
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +17,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import Tensor
 
+from saekit.atomic import atomic_file
 from saekit.inputs import TOKEN_TYPE_NAMES, token_type_codes
 from saekit.errors import UserError
 from saekit.sae.model import SparseAutoencoder
@@ -101,9 +101,8 @@ def save_codes(path: str | Path, codes: SparseCodes, *, extra: dict[str, Tensor]
                **(extra or {})}
     header = {"format": CODES_FORMAT, "d_sae": str(codes.d_sae),
               **{k: str(v) for k, v in (metadata or {}).items()}}
-    tmp = path.with_name(path.name + ".tmp")
-    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp), metadata=header)
-    os.replace(tmp, path)
+    with atomic_file(path) as tmp:
+        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp), metadata=header)
     return path
 
 

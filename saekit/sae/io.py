@@ -16,7 +16,6 @@ its presence marks a finished folder.
 from __future__ import annotations
 
 import json
-import os
 from importlib import metadata as importlib_metadata
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -25,6 +24,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from saekit.atomic import atomic_file, atomic_write_json
 from saekit.errors import UserError
 from saekit.sae.model import SparseAutoencoder
 
@@ -70,12 +70,6 @@ def sae_lens_cfg(sae: SparseAutoencoder, metadata: dict[str, Any]) -> dict[str, 
     return cfg
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def save_sae(sae: SparseAutoencoder, directory: str | Path, *, metadata: dict[str, Any],
              info: dict[str, Any]) -> Path:
     """Write `sae` as an sae-lens folder with `metadata` in cfg.json and `info` in saekit.json.
@@ -85,13 +79,10 @@ def save_sae(sae: SparseAutoencoder, directory: str | Path, *, metadata: dict[st
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     weights = {name: getattr(sae, name).detach().contiguous().cpu() for name in WEIGHT_NAMES}
-    tmp = directory / (SAE_WEIGHTS_FILENAME + ".tmp")
-    save_file(weights, str(tmp), metadata={"format": "pt"})
-    os.replace(tmp, directory / SAE_WEIGHTS_FILENAME)
-    _atomic_write_text(directory / SAE_CFG_FILENAME,
-                       json.dumps(sae_lens_cfg(sae, metadata), indent=2) + "\n")
-    record = {"format": SAEKIT_INFO_FORMAT, "version": 1, **info}
-    _atomic_write_text(directory / SAEKIT_INFO_FILENAME, json.dumps(record, indent=2) + "\n")
+    with atomic_file(directory / SAE_WEIGHTS_FILENAME) as tmp:
+        save_file(weights, str(tmp), metadata={"format": "pt"})
+    atomic_write_json(directory / SAE_CFG_FILENAME, sae_lens_cfg(sae, metadata))
+    atomic_write_json(directory / SAEKIT_INFO_FILENAME, {"format": SAEKIT_INFO_FORMAT, "version": 1, **info})
     return directory
 
 

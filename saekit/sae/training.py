@@ -9,7 +9,6 @@ uninterrupted run writes.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 import shutil
@@ -23,6 +22,7 @@ import torch
 from torch import Tensor
 
 from saekit.errors import UserError
+from saekit.run import check_resume, config_record
 from saekit.sae.checkpoint import (CHECKPOINT_DIR, TrainerState, latest_checkpoint, load_checkpoint,
                                    save_checkpoint)
 from saekit.sae.config import SAETrainConfig, memory_estimate
@@ -31,8 +31,6 @@ from saekit.sae.losses import StandardFastStep, StepStats, topk_step
 from saekit.sae.model import SparseAutoencoder
 
 METRICS_FILE = "metrics.jsonl"
-# Config fields a resumed run may change: they do not affect the trained weights.
-RESUMABLE_FIELDS = ("out", "device", "log_every", "checkpoint_every", "keep_checkpoints")
 
 
 class TrainingData(NamedTuple):
@@ -55,29 +53,6 @@ def lr_at(cfg: SAETrainConfig, step: int) -> float:
     progress = min((step - cfg.warmup_steps) / span, 1.0)
     end = cfg.lr * cfg.lr_end_ratio
     return end + (cfg.lr - end) * 0.5 * (1.0 + math.cos(math.pi * progress))
-
-
-def config_record(cfg: SAETrainConfig) -> dict[str, Any]:
-    """The config as JSON values, without the fields a resumed run may change."""
-    record: dict[str, Any] = {}
-    for field in dataclasses.fields(cfg):
-        value = getattr(cfg, field.name)
-        if field.name in RESUMABLE_FIELDS:
-            continue
-        if isinstance(value, Path):
-            value = str(value.expanduser().resolve())
-        elif isinstance(value, tuple):
-            value = list(value)
-        record[field.name] = value
-    return record
-
-
-def _check_same_config(stored: dict[str, Any], current: dict[str, Any], where: Path) -> None:
-    for name in sorted(set(stored) | set(current)):
-        if stored.get(name) != current.get(name):
-            raise UserError(f"{where} was trained with {name}={stored.get(name)!r} but this run has "
-                            f"{name}={current.get(name)!r}: resume with the same settings, or "
-                            "choose a new --out")
 
 
 class SAETrainer:
@@ -197,8 +172,7 @@ def _say(progress: bool, message: str) -> None:
         print(message, file=sys.stderr, flush=True)
 
 
-def _open_run(cfg: SAETrainConfig, data: TrainingData, record: dict[str, Any], progress: bool
-              ) -> SAETrainer:
+def _open_run(cfg: SAETrainConfig, data: TrainingData, progress: bool) -> SAETrainer:
     """A trainer at the newest checkpoint in `cfg.out`, or fresh (with its input scale)."""
     from saekit.models import resolve_device
 
@@ -209,7 +183,7 @@ def _open_run(cfg: SAETrainConfig, data: TrainingData, record: dict[str, Any], p
     folder = latest_checkpoint(cfg.out)
     if folder is not None:
         state = load_checkpoint(folder, trainer.sae, trainer.optimizer)
-        _check_same_config(state.config, record, folder)
+        check_resume(state.config, cfg, f"train: {folder}")
         trainer.restore(state)
         _say(progress, f"resuming from {folder} (step {state.step} of {cfg.total_steps})")
     else:  # a fresh run: its first batches fix the input scale and the initial b_dec
@@ -228,12 +202,12 @@ def train_sae(cfg: SAETrainConfig, data: TrainingData, *, progress: bool = True)
     record = config_record(cfg)
     info = read_sae_info(out)
     if info.get("complete"):
-        _check_same_config(info["training"]["config"], record, out / SAEKIT_INFO_FILENAME)
+        check_resume(info["training"]["config"], cfg, f"train: {out / SAEKIT_INFO_FILENAME}")
         if not cfg.keep_checkpoints:  # a run killed between the final save and this cleanup
             shutil.rmtree(out / CHECKPOINT_DIR, ignore_errors=True)
         _say(progress, f"{out} already holds the finished SAE")
         return out
-    trainer = _open_run(cfg, data, record, progress)
+    trainer = _open_run(cfg, data, progress)
     estimate = memory_estimate(data.d_in, cfg.d_sae, cfg.batch_size, cfg.architecture,
                                torch.finfo(trainer.sae.W_enc.dtype).bits // 8)
     _say(progress, f"SAE {cfg.architecture} d_in {data.d_in} -> d_sae {cfg.d_sae} on "

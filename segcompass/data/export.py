@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import pickle
 import re
 from collections.abc import Iterable
@@ -41,6 +40,7 @@ import numpy as np
 from PIL import Image
 from scipy import ndimage
 
+from saekit.atomic import atomic_file, atomic_write_bytes
 from saekit.errors import UserError
 from segcompass.data.sample import SegSample
 
@@ -180,18 +180,15 @@ class ExportSummary(NamedTuple):
 
 def _write_atomic(path: Path, data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
+    atomic_write_bytes(path, data)
 
 
 def _write_image(path: Path, image: np.ndarray, jpeg_quality: int) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
     fmt = "PNG" if path.suffix.lower() == ".png" else "JPEG"
-    Image.fromarray(np.asarray(image, dtype=np.uint8)).save(
-        tmp, format=fmt, **({"quality": jpeg_quality} if fmt == "JPEG" else {}))
-    os.replace(tmp, path)
+    with atomic_file(path) as tmp:
+        Image.fromarray(np.asarray(image, dtype=np.uint8)).save(
+            tmp, format=fmt, **({"quality": jpeg_quality} if fmt == "JPEG" else {}))
 
 
 def _target_categories(sample: SegSample) -> list[str]:

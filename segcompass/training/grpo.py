@@ -57,114 +57,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file
-from torch import Tensor
 
+from saekit.atomic import atomic_write_text
 from saekit.errors import UserError
-from segcompass.training.rewards import RewardConfig, format_reward
+from saekit.run import check_resume, config_record
+from segcompass.training.common import GRPO_STATE, WorldPrompts, per_device_rows
+from segcompass.training.grpo_trainer import JsonlLog, Progress, SegCompassGRPOTrainer, StopAfter
 
 TRL_DIR = "trl"
-SIDE_WEIGHTS = "side.safetensors"
-GRPO_STATE = "segcompass_grpo.json"
-"""Written last into each checkpoint: its presence marks a complete one."""
-
-
-def check_grpo_config(cfg) -> None:
-    """`UserError` for GRPO settings of a `TrainConfig` that cannot run."""
-    if cfg.group_size < 2:
-        raise UserError(f"train: --group-size must be >= 2 (GRPO compares rollouts), got {cfg.group_size}")
-    for name in ("rl_prompts", "max_new_tokens", "grad_accum"):
-        if getattr(cfg, name) < 1:
-            raise UserError(f"train: --{name.replace('_', '-')} must be >= 1, got {getattr(cfg, name)}")
-    if cfg.temperature <= 0 or cfg.kl_coef < 0 or not 0 < cfg.clip_epsilon < 1:
-        raise UserError(f"train: need --temperature > 0, --kl-coef >= 0, 0 < --clip-epsilon < 1 "
-                        f"(got {cfg.temperature}, {cfg.kl_coef}, {cfg.clip_epsilon})")
-    try:
-        reward_config(cfg)
-    except ValueError as err:
-        raise UserError(f"train: {err}") from None
-    per_device_rows(cfg, int(os.environ.get("WORLD_SIZE", "1")))
-
-
-def per_device_rows(cfg, world_size: int) -> int:
-    """Rollouts per micro-batch per process; a UserError when groups cannot stay whole."""
-    rows = cfg.rl_prompts * cfg.group_size
-    if rows % (world_size * cfg.grad_accum):
-        raise UserError(f"train: {cfg.rl_prompts} prompts x group size {cfg.group_size} = {rows} rollouts do "
-                        f"not split over {world_size} process(es) x {cfg.grad_accum} micro-batches")
-    per_device = rows // (world_size * cfg.grad_accum)
-    if cfg.grad_accum > 1 and per_device % cfg.group_size:
-        raise UserError(f"train: with --grad-accum {cfg.grad_accum} each micro-batch must hold whole groups: "
-                        f"{per_device} rollouts per process is not a multiple of --group-size {cfg.group_size}")
-    return per_device
-
-
-def reward_config(cfg) -> RewardConfig:
-    return RewardConfig(cfg.format_reward_weight, cfg.mask_reward_weight, cfg.confidence_threshold)
-
-
-class WorldPrompts:
-    """World samples 0..n-1 of `split` as TRL prompt rows (image + conversational prompt).
-
-    Row i is sample i, so GRPO step s reads samples s*P .. s*P+P-1 like the `seg` mode.
-    `dataset()` is the `datasets.Dataset` TRL iterates: it stores only the indices and
-    renders each row on access (a world sample is a pure function of seed, split, index).
-    """
-
-    def __init__(self, split: str, n: int, seed: int):
-        self.split, self.n, self.seed = split, n, seed
-        self._cache: dict[int, Any] = {}
-
-    def sample(self, index: int):
-        """World sample `index` (kept for the G rows and the loss that read it)."""
-        from segcompass.world.scenes import make_sample
-
-        index = int(index)
-        if index not in self._cache:
-            if len(self._cache) >= 256:
-                self._cache.clear()
-            self._cache[index] = make_sample(self.split, index, self.seed)
-        return self._cache[index]
-
-    def rows(self, batch: dict[str, list]) -> dict[str, list]:
-        """`datasets` transform: {"sample_index": [...]} -> TRL's prompt / image columns."""
-        from PIL import Image
-
-        from segcompass.template import build_prompt
-
-        samples = [self.sample(i) for i in batch["sample_index"]]
-        return {"sample_index": list(batch["sample_index"]),
-                "prompt": [[{"role": "user", "content": [
-                    {"type": "image"}, {"type": "text", "text": build_prompt(s.instruction, multi=s.multi_prompt)}]}]
-                    for s in samples],
-                "image": [Image.fromarray(s.image) for s in samples],
-                "multi_prompt": [s.multi_prompt for s in samples]}
-
-    def dataset(self):
-        from datasets import Dataset
-
-        data = Dataset.from_dict({"sample_index": list(range(self.n))})
-        data.set_transform(self.rows)
-        return data
-
-
-def response_text(tokenizer, ids: list[int], eos_ids: list[int]) -> str:
-    """Decoded response, special tokens kept, cut at the first end marker, padding removed."""
-    pad = tokenizer.pad_token_id
-    end = next((i for i, t in enumerate(ids) if t in eos_ids), len(ids))
-    return tokenizer.decode([t for t in ids[:end] if t != pad], skip_special_tokens=False)
-
-
-def make_format_reward(tokenizer, eos_ids: list[int]):
-    """The format reward as a plain TRL reward function (reads the rows' `multi_prompt`)."""
-    from segcompass.template import k_for
-
-    def format_reward_fn(prompts, completions, completion_ids, multi_prompt, **kwargs) -> list[float]:
-        return [format_reward(response_text(tokenizer, ids, eos_ids), k_for(bool(m)))
-                for ids, m in zip(completion_ids, multi_prompt)]
-
-    format_reward_fn.__name__ = "format"
-    return format_reward_fn
 
 
 def build_processor(loaded, policy_path: Path):
@@ -187,81 +87,10 @@ def build_processor(loaded, policy_path: Path):
         raise UserError(f"train: no processor loads from {policy_path} ({str(err).splitlines()[0]})") from None
 
 
-def side_state(model) -> dict[str, Tensor]:
-    """Head (codebook, aggregator, slot mapper) and SAM weights: what TRL's model lacks."""
-    from segcompass.model import _HEAD_OWN_PREFIXES
-
-    state = {f"head.{k}": v for k, v in model.head.state_dict().items() if k.startswith(_HEAD_OWN_PREFIXES)}
-    state.update({f"sam.{k}": v for k, v in model.sam.state_dict().items()})
-    return {k: v.detach().cpu().clone() for k, v in state.items()}  # clone: SAM shares one tensor twice
-
-
-def load_side_state(model, path: Path) -> None:
-    tensors = load_file(str(path))
-    head = {k[5:]: v for k, v in tensors.items() if k.startswith("head.")}
-    sam = {k[4:]: v for k, v in tensors.items() if k.startswith("sam.")}
-    model.sam.load_state_dict(sam, strict=True)
-    missing, unexpected = model.head.load_state_dict(head, strict=False)
-    if unexpected or [k for k in missing if not k.startswith("mask_decoder.")]:
-        raise UserError(f"{path}: head weights do not match (missing {missing[:3]}, unexpected {unexpected[:3]})")
-
-
-def average_gradients(params: list[torch.nn.Parameter], world_size: int) -> None:
-    """Mean of each parameter's gradient over processes, in one all-reduce (None stays None
-    only where no process has a gradient)."""
-    import torch.distributed as dist
-
-    if not params:
-        return
-    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-    has = torch.tensor([float(p.grad is not None) for p in params], device=grads[0].device)
-    flat = torch.cat([g.flatten().float() for g in grads] + [has])
-    dist.all_reduce(flat, op=dist.ReduceOp.SUM)
-    offset = 0
-    for p, g in zip(params, grads):
-        n = g.numel()
-        p.grad = (flat[offset:offset + n] / world_size).view_as(p).to(p.dtype)
-        offset += n
-    for p, count in zip(params, flat[offset:].tolist()):
-        if count == 0:
-            p.grad = None
-
-
-def load_policy_weights(policy: torch.nn.Module, folder: Path) -> None:
-    """Put the checkpoint's policy weights into `policy`, whatever key layout they were saved in.
-
-    HF's resume path calls `load_state_dict(..., strict=False)` on the file `save_pretrained`
-    wrote; for LLaVA, transformers 5 saves the legacy key names ("language_model.model.*"),
-    none of which match the module ("model.language_model.*"), so that call silently loads
-    nothing. `from_pretrained` maps the keys; its weights are copied in strictly.
-    """
-    fresh = type(policy).from_pretrained(folder, dtype=next(policy.parameters()).dtype, use_safetensors=True,
-                                         local_files_only=True)
-    with torch.no_grad():
-        policy.load_state_dict(fresh.state_dict(), strict=True)
-
-
-def _record(cfg) -> dict:
-    from segcompass.training.supervised import _record as record
-
-    return record(cfg)
-
-
 def latest_checkpoint(directory: Path) -> Path | None:
     """The newest complete `checkpoint-N` (one that holds GRPO_STATE), or None."""
     complete = [c for c in directory.glob("checkpoint-*") if (c / GRPO_STATE).is_file()]
     return max(complete, key=lambda c: int(c.name.rsplit("-", 1)[1]), default=None)
-
-
-def _check_resumable(checkpoint: Path, cfg) -> None:
-    from segcompass.training.supervised import _RESUME_IRRELEVANT
-
-    saved = json.loads((checkpoint / GRPO_STATE).read_text())["config"]
-    mine = _record(cfg)
-    changed = [k for k, v in saved.items() if k not in _RESUME_IRRELEVANT and mine.get(k) != v]
-    if changed:
-        raise UserError(f"train: {checkpoint} was written with different settings ({', '.join(changed)}); "
-                        "use another --out or --no-resume")
 
 
 def grpo_args(cfg, output_dir: Path, device: torch.device):
@@ -296,7 +125,6 @@ def train_grpo(cfg, *, progress: bool = True, stop_after: int | None = None) -> 
     from transformers import PrinterCallback
 
     from saekit.models import resolve_device
-    from segcompass.training.grpo_trainer import JsonlLog, Progress, SegCompassGRPOTrainer, StopAfter
     from segcompass.model import build_segcompass, save_segcompass
 
     if cfg.threads:
@@ -309,7 +137,7 @@ def train_grpo(cfg, *, progress: bool = True, stop_after: int | None = None) -> 
     trl_dir.mkdir(parents=True, exist_ok=True)
     checkpoint = latest_checkpoint(trl_dir)
     if checkpoint is not None:
-        _check_resumable(checkpoint, cfg)
+        check_resume(json.loads((checkpoint / GRPO_STATE).read_text())["config"], cfg, f"train: {checkpoint}")
     model = build_segcompass(cfg.model_config(), policy_path=cfg.policy, sae_path=cfg.sae, sam_path=cfg.sam_path,
                              seed=cfg.seed, device=device)
     callbacks = [JsonlLog(out / "metrics.jsonl"),
@@ -329,7 +157,7 @@ def train_grpo(cfg, *, progress: bool = True, stop_after: int | None = None) -> 
     final = out / "final"
     if trainer.accelerator.is_main_process:
         save_segcompass(model, final, sae_path=cfg.sae,
-                        record={"steps": cfg.steps, "mode": cfg.mode, "config": _record(cfg)})
+                        record={"steps": cfg.steps, "mode": cfg.mode, "config": config_record(cfg)})
     trainer.accelerator.wait_for_everyone()
     return final
 
@@ -339,9 +167,7 @@ def _trim_metrics(path: Path, step: int) -> None:
     if not path.is_file():
         return
     kept = [line for line in path.read_text().splitlines() if line and json.loads(line).get("step", 0) <= step]
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(line + "\n" for line in kept))
-    os.replace(tmp, path)
+    atomic_write_text(path, "".join(line + "\n" for line in kept))
 
 
 def _broadcast_side(trainer) -> None:

@@ -7,7 +7,6 @@ See `segcompass.training.grpo` for the design: which passes run per step, what e
 from __future__ import annotations
 
 import json
-import os
 import time
 from pathlib import Path
 
@@ -17,10 +16,12 @@ from torch import Tensor
 from transformers import GenerationConfig, LogitsProcessorList, TrainerCallback
 from trl import GRPOConfig, GRPOTrainer
 
-from saekit.atomic import atomic_write_json
+from saekit.atomic import atomic_file, atomic_write_json
 from saekit.inputs import PAD_TYPE, build_batch
-from segcompass.training.grpo import (GRPO_STATE, SIDE_WEIGHTS, WorldPrompts, _record, average_gradients,
-                             load_policy_weights, load_side_state, make_format_reward, reward_config, side_state)
+from saekit.run import config_record
+from segcompass.training.common import (GRPO_STATE, SIDE_WEIGHTS, WorldPrompts, average_gradients,
+                                        load_policy_weights, load_side_state, make_format_reward, param_groups,
+                                        reward_config, side_state)
 from segcompass.policy import recorded_states
 from segcompass.training.grpo_step import (Advantages, KeyedGumbelSampler, group_advantages, grpo_policy_loss, head_pass,
                                   per_sample_segmentation_loss, rollout_batch, rollout_seed)
@@ -214,8 +215,6 @@ class SegCompassGRPOTrainer(GRPOTrainer):
 
     # ---- optimiser, gradients -------------------------------------------------------------
     def create_optimizer(self, model=None):
-        from segcompass.training.supervised import param_groups
-
         if self.optimizer is None:
             self.optimizer = torch.optim.AdamW(param_groups(self.segcompass, self.cfg),
                                                weight_decay=self.cfg.weight_decay)
@@ -254,10 +253,9 @@ class SegCompassGRPOTrainer(GRPOTrainer):
         super()._save_checkpoint(model, trial)
         if self.args.should_save:
             folder = Path(self._get_output_dir(trial=trial)) / f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
-            tmp = folder / (SIDE_WEIGHTS + ".tmp")
-            save_file(side_state(self.segcompass), str(tmp))
-            os.replace(tmp, folder / SIDE_WEIGHTS)
-            atomic_write_json(folder / GRPO_STATE, {"step": self.state.global_step, "config": _record(self.cfg)})
+            with atomic_file(folder / SIDE_WEIGHTS) as tmp:
+                save_file(side_state(self.segcompass), str(tmp))
+            atomic_write_json(folder / GRPO_STATE, {"step": self.state.global_step, "config": config_record(self.cfg)})
         self.accelerator.wait_for_everyone()
 
     def _load_from_checkpoint(self, resume_from_checkpoint, model=None):

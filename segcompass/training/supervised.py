@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, NamedTuple
 
@@ -25,7 +25,9 @@ from saekit.atomic import (atomic_directory, atomic_write_json, load_optimizer_s
                            optimizer_state_tensors, resolve_directory)
 from saekit.errors import UserError
 from saekit.models import resolve_device
+from saekit.run import RunConfig, check_resume, config_record, free_on_resume
 from segcompass.training.batching import SegBatch, batch_from_samples
+from segcompass.training.common import check_grpo_config, param_groups  # noqa: F401 (param_groups re-exported)
 from segcompass.world.scenes import WorldSample, hallucinated_sample, iter_samples
 from segcompass.training.losses import SegLossConfig, SegLossOutput, segmentation_loss
 from segcompass.model import (SegCompass, SegCompassConfig, build_segcompass, load_segcompass,
@@ -36,15 +38,15 @@ OPTIMIZER_FILE = "optimizer.safetensors"
 RNG_FILE = "rng.safetensors"
 
 
-@dataclass(frozen=True)
-class TrainConfig:
+@dataclass(frozen=True, kw_only=True)
+class TrainConfig(RunConfig):
     """Supervised SegCompass training on the embedded world."""
 
     policy: Path
     """Warm-started policy folder (`segcompass warmstart` output, `policy/` inside it)."""
     sae: Path
     """SAE folder trained on the policy's layer `sae_layer` (`saekit train` output)."""
-    out: Path = Path("runs/segcompass")
+    out: Path = free_on_resume(Path("runs/segcompass"))
     """Output folder: checkpoint/, final/, metrics.jsonl."""
     mode: Literal["seg", "rl", "rl+seg"] = "seg"
     """Training mode (Table 4). `seg`: segmentation supervision on teacher-forced ground-truth
@@ -112,18 +114,10 @@ class TrainConfig:
     Measured on the demo's pieces (1000 steps): at 0.15 multi N-acc 68.9 -> 73.8 but gIoU
     66.7 -> 65.5 and testA 81.5 -> 80.5; the policy almost never names an absent object (its
     N-acc misses name present ones), so it stays off."""
-    seed: int = 0
-    """Seeds the head's initialisation, the data order and torch's RNG."""
-    log_every: int = 10
+    log_every: int = free_on_resume(10)
     """Write a metrics.jsonl record every this many steps."""
-    checkpoint_every: int = 100
+    checkpoint_every: int = free_on_resume(100)
     """Save a resumable checkpoint every this many steps (and at the end)."""
-    resume: bool = True
-    """Continue from out/checkpoint when it exists (its config must match)."""
-    threads: int = 0
-    """torch CPU threads; 0 = all cores."""
-    device: str = "auto"
-    """'auto' (cuda when available), 'cpu', 'cuda', ..."""
     # ---- GRPO (modes rl, rl+seg; segcompass.training.grpo). Ignored by mode seg. ----
     group_size: int = 8
     """G: rollouts sampled per prompt (paper: 8; Figure 6 varies it)."""
@@ -167,8 +161,6 @@ class TrainConfig:
         if self.lr <= 0 or not 0 < self.pct_start < 1:
             raise UserError(f"train: need --lr > 0 and 0 < --pct-start < 1 (got {self.lr}, {self.pct_start})")
         if self.mode != "seg":
-            from segcompass.training.grpo import check_grpo_config
-
             check_grpo_config(self)
 
     def model_config(self) -> SegCompassConfig:
@@ -180,30 +172,6 @@ class TrainConfig:
     def loss_config(self) -> SegLossConfig:
         return SegLossConfig(seg_weight=self.seg_weight, conf_weight=self.conf_weight,
                              dice_weight=self.dice_weight, heatmap_dice_weight=self.heatmap_dice_weight)
-
-
-def param_groups(model: SegCompass, cfg: TrainConfig) -> list[dict]:
-    """AdamW groups with the per-module multipliers; frozen parameters are left out."""
-    head, sam = model.head, model.sam
-    groups = {
-        "policy": (model.policy.parameters(), cfg.policy_lr_mult),
-        "codebook": ([*head.codebook.parameters(), *head.aggregator.parameters()], cfg.codebook_lr_mult),
-        "slot_mapper": (head.slot_mapper.parameters(), cfg.slot_mapper_lr_mult),
-        "decoder": ([*sam.prompt_encoder.parameters(), *sam.mask_decoder.parameters(),
-                     *sam.shared_image_embedding.parameters()], cfg.decoder_lr_mult),
-        "sam_encoder": (sam.vision_encoder.parameters(), cfg.sam_encoder_lr_mult),
-    }
-    out, seen = [], set()
-    for name, (params, mult) in groups.items():
-        # SAM's prompt encoder holds the shared positional embedding too: count it once.
-        trainable = []
-        for param in params:
-            if param.requires_grad and id(param) not in seen:
-                seen.add(id(param))
-                trainable.append(param)
-        if trainable:
-            out.append({"name": name, "params": trainable, "lr": cfg.lr * mult})
-    return out
 
 
 class StepResult(NamedTuple):
@@ -298,12 +266,8 @@ def train(cfg: TrainConfig, *, progress: bool = True, stop_after: int | None = N
         if stop_after is not None and done >= stop_after:
             return out / "checkpoint"
     final = out / "final"
-    save_segcompass(model, final, sae_path=cfg.sae, record={"steps": cfg.steps, "config": _record(cfg)})
+    save_segcompass(model, final, sae_path=cfg.sae, record={"steps": cfg.steps, "config": config_record(cfg)})
     return final
-
-
-def _record(cfg: TrainConfig) -> dict:
-    return json.loads(json.dumps(asdict(cfg), default=str))
 
 
 def _log(out: Path, step: int, result: StepResult, grad_norm, optimizer, seconds: float) -> None:
@@ -326,19 +290,12 @@ def _save(directory: Path, model: SegCompass, cfg: TrainConfig, optimizer, sched
         save_file(tensors, str(tmp / OPTIMIZER_FILE))
         save_file({"torch": torch.get_rng_state()}, str(tmp / RNG_FILE))
         atomic_write_json(tmp / TRAINER_STATE, {"step": step, "param_groups": groups,
-                                                "scheduler": scheduler.state_dict(), "config": _record(cfg)})
-
-
-_RESUME_IRRELEVANT = ("out", "resume", "threads", "device", "log_every", "checkpoint_every")
+                                                "scheduler": scheduler.state_dict(), "config": config_record(cfg)})
 
 
 def _restore(directory: Path, cfg: TrainConfig, optimizer, scheduler, device) -> int:
     state = json.loads((directory / TRAINER_STATE).read_text())
-    mine = _record(cfg)
-    changed = [k for k, v in state["config"].items() if k not in _RESUME_IRRELEVANT and mine.get(k) != v]
-    if changed:
-        raise UserError(f"train: {directory} was written with different settings ({', '.join(changed)}); "
-                        "use another --out or --no-resume")
+    check_resume(state["config"], cfg, f"train: {directory}")
     load_optimizer_state(optimizer, load_file(str(directory / OPTIMIZER_FILE)), state["param_groups"], device)
     scheduler.load_state_dict(state["scheduler"])
     torch.set_rng_state(load_file(str(directory / RNG_FILE))["torch"])

@@ -36,15 +36,16 @@ from torch import Tensor, nn
 from saekit.atomic import (atomic_directory, atomic_write_json, load_optimizer_state, optimizer_state_tensors,
                            resolve_directory)
 from saekit.errors import UserError
+from saekit.run import RunConfig, check_resume, config_record, free_on_resume
 
 SAM_DIR, CHECKPOINT_DIR, REPORT_FILE = "sam", "checkpoint", "pretrain.json"
 
 
-@dataclass(frozen=True)
-class SamPretrainConfig:
+@dataclass(frozen=True, kw_only=True)
+class SamPretrainConfig(RunConfig):
     """Promptable-segmentation pretraining of a world SAM preset on the embedded world."""
 
-    out: Path = Path("runs/sam")
+    out: Path = free_on_resume(Path("runs/sam"))
     """Output folder: sam/ (HF folder), checkpoint/, pretrain.json."""
     preset: str = "sam-tiny-16"
     """SAM preset to build and train (a world preset: sam-tiny-16 or sam-tiny-32)."""
@@ -60,18 +61,10 @@ class SamPretrainConfig:
     """Weight of the per-patch colour/shape/size loss on the image embedding."""
     shift_probability: float = 0.3
     """Probability that a prompt is shifted by one embedding cell (heatmaps are imprecise)."""
-    eval_samples: int = 200
+    eval_samples: int = free_on_resume(200)
     """`val` images scored at the end (IoU of the mask from each instance's coarse prompt)."""
-    seed: int = 0
-    """Seeds the weights, the prompts' noise and the data order."""
-    checkpoint_every: int = 200
+    checkpoint_every: int = free_on_resume(200)
     """Resumable checkpoint every this many steps (and at the end)."""
-    resume: bool = True
-    """Continue from out/checkpoint when it exists (its config must match)."""
-    threads: int = 0
-    """torch CPU threads; 0 = all cores."""
-    device: str = "auto"
-    """'auto' (cuda when available), 'cpu', 'cuda', ..."""
 
     def __post_init__(self) -> None:
         for name in ("steps", "batch_size", "prompts_per_image", "checkpoint_every"):
@@ -247,13 +240,6 @@ def prompted_iou(modules: PretrainModules, cfg: SamPretrainConfig, device) -> di
 
 # ----------------------------------------------------------------------------- checkpoints
 
-_RESUME_IRRELEVANT = ("out", "resume", "threads", "device", "eval_samples", "checkpoint_every")
-
-
-def _record(cfg: SamPretrainConfig) -> dict:
-    return {k: str(v) if isinstance(v, Path) else v for k, v in dataclasses.asdict(cfg).items()}
-
-
 def _save(directory: Path, cfg, modules: nn.Module, optimizer, schedule, generator, step: int) -> None:
     from safetensors.torch import save_file
 
@@ -262,7 +248,7 @@ def _save(directory: Path, cfg, modules: nn.Module, optimizer, schedule, generat
         tensors, groups = optimizer_state_tensors(optimizer)
         save_file(tensors, tmp / "optimizer.safetensors")
         save_file({"torch": torch.get_rng_state(), "prompts": generator.get_state()}, tmp / "rng.safetensors")
-        atomic_write_json(tmp / "state.json", {"step": step, "param_groups": groups, "config": _record(cfg),
+        atomic_write_json(tmp / "state.json", {"step": step, "param_groups": groups, "config": config_record(cfg),
                                                "scheduler": schedule.state_dict()})
 
 
@@ -273,10 +259,7 @@ def _restore(directory: Path, cfg, modules: nn.Module, optimizer, schedule, gene
     if found is None:
         return 0
     state = json.loads((found / "state.json").read_text())
-    changed = [k for k, v in state["config"].items() if k not in _RESUME_IRRELEVANT and _record(cfg).get(k) != v]
-    if changed:
-        raise UserError(f"sam-pretrain: {found} was written with different settings ({', '.join(changed)}); "
-                        f"use another --out or --no-resume")
+    check_resume(state["config"], cfg, f"sam-pretrain: {found}")
     device = next(modules.parameters()).device
     modules.load_state_dict({k: v.to(device) for k, v in load_file(found / "model.safetensors").items()})
     load_optimizer_state(optimizer, load_file(found / "optimizer.safetensors"), state["param_groups"], device)

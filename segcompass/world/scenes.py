@@ -17,13 +17,13 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator, Literal, Sequence
 
 import numpy as np
 
+from saekit.atomic import atomic_file
 from saekit.errors import UserError
 from segcompass.data.sample import SegSample
 from segcompass.world.language import (FAMILIES, HALLUCINATIONS, TEMPLATES, Template, answer_line, phrasing_of,
@@ -350,15 +350,13 @@ def export_jsonl(samples: Sequence[WorldSample], out_dir: str | Path, *, name: s
     out_dir = Path(out_dir)
     (out_dir / "images").mkdir(parents=True, exist_ok=True)
     path = out_dir / name
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
+    with atomic_file(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
         for s in samples:
             rel = f"images/{s.sample_id}.png"
             Image.fromarray(s.image).save(out_dir / rel)
             f.write(json.dumps({"image": rel, "text": sample_text(s), "sample_id": s.sample_id,
                                 "split": s.split, "family": s.family, "instruction": s.instruction,
                                 "cot": s.cot}) + "\n")
-    os.replace(tmp, path)
     return path
 
 
@@ -371,8 +369,7 @@ def export_png(samples: Sequence[WorldSample], out_dir: str | Path) -> Path:
     (out_dir / "images").mkdir(parents=True, exist_ok=True)
     (out_dir / "masks").mkdir(exist_ok=True)
     path = out_dir / "samples.jsonl"
-    tmp = path.with_suffix(".jsonl.tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
+    with atomic_file(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
         for s in samples:
             Image.fromarray(s.image).save(out_dir / "images" / f"{s.sample_id}.png")
             masks = []
@@ -382,5 +379,4 @@ def export_png(samples: Sequence[WorldSample], out_dir: str | Path) -> Path:
             record = s.to_seg_sample().meta | {"sample_id": s.sample_id, "image": f"images/{s.sample_id}.png",
                                                "instruction": s.instruction, "masks": masks}
             f.write(json.dumps(record) + "\n")
-    os.replace(tmp, path)
     return path

@@ -21,7 +21,6 @@ import functools
 import json
 import math
 import os
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,8 +28,10 @@ from typing import NamedTuple
 
 import torch
 
-from saekit.atomic import load_optimizer_state, optimizer_state_tensors
+from saekit.atomic import (atomic_directory, atomic_write_json, load_optimizer_state, optimizer_state_tensors,
+                           resolve_directory)
 from saekit.errors import UserError
+from saekit.run import RunConfig, check_resume, config_record, free_on_resume
 from segcompass.world.prefetch import resolve_workers, step_batches
 from segcompass.world.teacher import (CAPTION_PROMPT, Example, TeacherBatch, caption_example,  # noqa: F401
                                        reference_example, teacher_batch)
@@ -43,11 +44,11 @@ CHECKPOINT_DIR, MODEL_DIR, EVAL_FILE, CONFIG_FILE = "checkpoint", "model", "eval
 WEIGHTS_FILE, OPTIMIZER_FILE, STATE_FILE = "model.safetensors", "optimizer.safetensors", "state.json"
 
 
-@dataclass(frozen=True)
-class WarmstartConfig:
+@dataclass(frozen=True, kw_only=True)
+class WarmstartConfig(RunConfig):
     """Teacher-forced warm start of the tiny policy on the embedded world."""
 
-    out: Path = Path("runs/warmstart")
+    out: Path = free_on_resume(Path("runs/warmstart"))
     """Output folder (checkpoint, HF model folder, eval.json)."""
     n_train: int = 0
     """Distinct `train` samples, cycled; 0 = steps × batch_size (every sample new)."""
@@ -145,27 +146,19 @@ class WarmstartConfig:
     """A finished warm start's output folder: continue from its policy and probes (its
     checkpoint/) with a fresh optimizer and schedule, skipping stage 0 (the vision tower stays
     as it was, frozen). Its architecture settings must equal these."""
-    seed: int = 0
-    """Seeds the weights, the world samples and torch's RNG."""
-    quick: bool = False
+    quick: bool = free_on_resume(False)
     """Short run for CI and demos (see QUICK_OVERRIDES); the saved cfg.json shows what ran."""
-    eval_samples: int = 1000
+    eval_samples: int = free_on_resume(1000)
     """`val` samples decoded greedily at the end (~1 min for 1000 on 2 cores). 300 were too few
     to judge an 80% bar by: the 3200-step warm start named the right target for 77.9% of the
     single-target samples among val's first 300 (seed 1), 85.0% among another 300 (seed 2) and
     80.0% among the first 1000 (binomial standard error ~2.7 points at 226 single-target
     samples, ~1.5 at 750)."""
-    checkpoint_every: int = 200
+    checkpoint_every: int = free_on_resume(200)
     """Save a resumable checkpoint every this many steps (and at the end)."""
-    resume: bool = True
-    """Continue from `out/checkpoint` when it exists (its config must match)."""
-    threads: int = 0
-    """torch CPU threads; 0 = all cores."""
-    data_workers: int = -1
+    data_workers: int = free_on_resume(-1)
     """Processes that build the next steps' batches while one trains (`segcompass.world.prefetch`);
     -1 = auto (4 on CUDA, else 0). Same batches, same result, any number."""
-    device: str = "auto"
-    """'auto' (cuda when available), 'cpu', 'cuda', ..."""
 
     def __post_init__(self) -> None:
         if min(self.vision_steps, self.vision_position_weight, self.vision_centre_weight) < 0 or self.vision_lr <= 0:
@@ -329,7 +322,7 @@ def train(cfg: WarmstartConfig, *, progress: bool = True, stop_after: int | None
     device = resolve_device(cfg.device)
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
-    _write_json(out / CONFIG_FILE, _config_record(cfg))
+    atomic_write_json(out / CONFIG_FILE, config_record(cfg, free=True))
     torch.manual_seed(cfg.seed)
     loaded = build_policy(cfg)
     model = loaded.model.to(device).train()
@@ -389,9 +382,9 @@ def load_initial_weights(source: Path, cfg: WarmstartConfig, modules: torch.nn.M
     returns its stage-0 record, tagged with where it came from."""
     from safetensors.torch import load_file
 
-    directory = _complete_checkpoint(source / CHECKPOINT_DIR)
+    directory = resolve_directory(source / CHECKPOINT_DIR, STATE_FILE)
     state = json.loads((directory / STATE_FILE).read_text())
-    theirs, mine = state["config"], _config_record(cfg)
+    theirs, mine = state["config"], config_record(cfg)
     if changed := [k for k in ARCHITECTURE_FIELDS if theirs.get(k, "<absent>") != mine[k]]:
         raise UserError(f"warmstart: --init-from {source} has another architecture "
                         f"({', '.join(f'{k}: {theirs.get(k)} vs {mine[k]}' for k in changed)})")
@@ -436,24 +429,11 @@ def _finish(cfg: WarmstartConfig, loaded, out: Path, start_time: float, progress
                                  grid=cfg.image_size // cfg.patch_size)
     report |= {"vision_pretraining": vision, "train_wall_s": round(train_s, 1), "total_wall_s": round(time.perf_counter() - start_time, 1),
                "load_average_1min": round(os.getloadavg()[0], 2), "threads": torch.get_num_threads()}
-    _write_json(out / EVAL_FILE, report)
+    atomic_write_json(out / EVAL_FILE, report)
     return WarmstartResult(model_dir, report, time.perf_counter() - start_time)
 
 
 # ----------------------------------------------------------------------------- checkpoints
-
-def _config_record(cfg: WarmstartConfig) -> dict:
-    return {k: str(v) if isinstance(v, Path) else v for k, v in dataclasses.asdict(cfg).items()}
-
-
-_RESUME_IRRELEVANT = ("out", "resume", "threads", "data_workers", "device", "eval_samples", "checkpoint_every", "quick")
-
-
-def _write_json(path: Path, record: dict) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(record, indent=2) + "\n")
-    os.replace(tmp, path)
-
 
 def save_checkpoint(directory: Path, cfg: WarmstartConfig, model, optimizer, scheduler, step: int,
                     vision: dict) -> None:
@@ -464,47 +444,29 @@ def save_checkpoint(directory: Path, cfg: WarmstartConfig, model, optimizer, sch
     """
     from safetensors.torch import save_file
 
-    tmp, old = directory.with_name(directory.name + ".tmp"), directory.with_name(directory.name + ".old")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    # clone: tied weights share storage, which safetensors refuses to write twice
-    save_file({k: v.detach().cpu().clone() for k, v in model.state_dict().items()}, tmp / WEIGHTS_FILE)
-    tensors, groups = optimizer_state_tensors(optimizer)
-    save_file(tensors, tmp / OPTIMIZER_FILE)
-    save_file({"torch_rng": torch.get_rng_state()}, tmp / "rng.safetensors")
-    state = {"step": step, "param_groups": groups, "scheduler": scheduler.state_dict(),
-             "config": _config_record(cfg), "vision_pretraining": vision}
-    _write_json(tmp / STATE_FILE, state)
-    if directory.exists():
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(directory, old)
-    os.replace(tmp, directory)
-    shutil.rmtree(old, ignore_errors=True)
+    with atomic_directory(directory) as tmp:
+        # clone: tied weights share storage, which safetensors refuses to write twice
+        save_file({k: v.detach().cpu().clone() for k, v in model.state_dict().items()}, tmp / WEIGHTS_FILE)
+        tensors, groups = optimizer_state_tensors(optimizer)
+        save_file(tensors, tmp / OPTIMIZER_FILE)
+        save_file({"torch_rng": torch.get_rng_state()}, tmp / "rng.safetensors")
+        state = {"step": step, "param_groups": groups, "scheduler": scheduler.state_dict(),
+                 "config": config_record(cfg), "vision_pretraining": vision}
+        atomic_write_json(tmp / STATE_FILE, state)
 
 
 def checkpoint_exists(directory: Path) -> bool:
     """A complete checkpoint is at `directory` (or at its `.old` twin after an interrupted swap)."""
-    return (_complete_checkpoint(directory) / STATE_FILE).is_file()
-
-
-def _complete_checkpoint(directory: Path) -> Path:
-    """`directory`, or its `.old` twin when a save was interrupted between the two renames."""
-    return directory if (directory / STATE_FILE).is_file() else directory.with_name(directory.name + ".old")
+    return resolve_directory(directory, STATE_FILE) is not None
 
 
 def load_checkpoint(directory: Path, cfg: WarmstartConfig, model, optimizer, scheduler) -> tuple[int, dict]:
     """Restore a checkpoint into model/optimizer/scheduler/RNG; returns its step and stage-0 record."""
     from safetensors.torch import load_file
 
-    directory = _complete_checkpoint(directory)
+    directory = resolve_directory(directory, STATE_FILE)
     state = json.loads((directory / STATE_FILE).read_text())
-    mine = _config_record(cfg)
-    # a setting absent from the checkpoint (written before it existed) counts as changed too
-    changed = [k for k in sorted({*state["config"], *mine})
-               if k not in _RESUME_IRRELEVANT and state["config"].get(k, "<absent>") != mine.get(k, "<absent>")]
-    if changed:
-        raise UserError(f"warmstart: {directory} was written with different settings ({', '.join(changed)}); "
-                        f"use another --out or --no-resume")
+    check_resume(state["config"], cfg, f"warmstart: {directory}")
     device = next(model.parameters()).device
     model.load_state_dict({k: v.to(device) for k, v in load_file(directory / WEIGHTS_FILE).items()})
     load_optimizer_state(optimizer, load_file(directory / OPTIMIZER_FILE), state["param_groups"], device)

@@ -150,6 +150,20 @@ def test_killed_training_resumes_to_identical_files(cache_dir, tmp_path, capsys)
     assert not (resumed / "checkpoints").exists()
 
 
+def test_changed_settings_refuse_to_resume(cache_dir, tmp_path, capsys):
+    out = tmp_path / "sae"
+    args = _train_args(cache_dir, out, "--training-tokens", str(64 * 4), "--checkpoint-every", "2",
+                       "--keep-checkpoints")
+    assert main(args) == 0
+    assert main([*args, "--log-every", "1"]) == 0  # a free field: the finished SAE is found
+    assert main([*args, "--lr", "1e-3"]) == 2  # the finished SAE was trained at another lr
+    assert "saekit.json was written with other settings: field 'lr' was 0.002, now 0.001" in capsys.readouterr().err
+    (out / "saekit.json").unlink()  # as if killed after its step-2 checkpoint
+    assert main([*args, "--lr", "1e-3"]) == 2
+    err = capsys.readouterr().err
+    assert "step_00000002 was written with other settings: field 'lr' was 0.002, now 0.001" in err
+
+
 def test_bad_layers_are_one_line_errors(cache_dir, data, tmp_path, capsys):
     rc = main(["train", "--model", "tiny-llava", "--layer", "9", "--data", str(data),
                "--out", str(tmp_path / "a"), "--d-sae", "64", "--batch-size", "32",

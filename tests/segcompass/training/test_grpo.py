@@ -94,7 +94,7 @@ def test_resume_after_interrupt_reproduces_the_uninterrupted_run(full_run, tiny_
 
 def test_changed_settings_refuse_to_resume(tiny_checkpoint, tmp_path):  # noqa: F811
     train(_cfg(tiny_checkpoint, tmp_path, steps=2), progress=False, stop_after=1)
-    with pytest.raises(UserError, match="different settings"):
+    with pytest.raises(UserError, match=r"checkpoint-1 was written with other settings: field 'kl_coef' was 0\.2, now 0\.5"):
         train(_cfg(tiny_checkpoint, tmp_path, steps=2, kl_coef=0.5), progress=False)
 
 
@@ -111,7 +111,9 @@ def test_two_processes_match_one(full_run, tiny_checkpoint, tmp_path):  # noqa: 
     script.write_text(textwrap.dedent(f"""
         import sys
         from pathlib import Path
-        sys.path[:0] = [{str(Path(__file__).resolve().parent)!r}, {str(Path(__file__).resolve().parents[2])!r}]
+        # the repo root first: tests/segcompass would otherwise shadow the segcompass package
+        sys.path[:0] = [{str(Path(__file__).resolve().parents[3])!r}, {str(Path(__file__).resolve().parent)!r},
+                        {str(Path(__file__).resolve().parents[2])!r}]
         from test_grpo import _cfg
         from segcompass.training.supervised import train
         train(_cfg(Path({str(tiny_checkpoint)!r}), Path({str(tmp_path / "ddp")!r})), progress=False)

@@ -79,7 +79,7 @@ def test_changed_config_refuses_to_resume(pieces, tmp_path):
     from saekit.errors import UserError
 
     train(_cfg(pieces, tmp_path), progress=False, stop_after=2)
-    with pytest.raises(UserError, match="different settings"):
+    with pytest.raises(UserError, match=r"checkpoint was written with other settings: field 'lr' was 2e-05, now 0\.001"):
         train(dataclasses.replace(_cfg(pieces, tmp_path), lr=1e-3), progress=False)
 
 

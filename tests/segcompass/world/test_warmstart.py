@@ -74,14 +74,17 @@ def test_resume_continues_identically(tmp_path):
     a = load_file(tmp_path / "straight" / CHECKPOINT_DIR / WEIGHTS_FILE)
     b = load_file(tmp_path / "resumed" / CHECKPOINT_DIR / WEIGHTS_FILE)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    with pytest.raises(UserError, match="lr"):
+    with pytest.raises(UserError, match=r"^warmstart: .*checkpoint was written with other settings: "
+                                        r"field 'lr' was 0\.002, now 0\.0001; use another --out or --no-resume$"):
         train(WarmstartConfig(out=tmp_path / "resumed", lr=1e-4, **common), progress=False)
     state_file = tmp_path / "resumed" / CHECKPOINT_DIR / "state.json"
     state = json.loads(state_file.read_text())
     del state["config"]["slot_loss_weight"]  # as written before that setting existed
     state_file.write_text(json.dumps(state))
-    with pytest.raises(UserError, match="slot_loss_weight"):
-        train(WarmstartConfig(out=tmp_path / "resumed", **common), progress=False)
+    with pytest.raises(UserError, match=r"field 'slot_loss_weight' was not recorded \(default 1\.0\), now 0\.5"):
+        train(WarmstartConfig(out=tmp_path / "resumed", slot_loss_weight=0.5, **common), progress=False)
+    # at its default the new setting changes nothing: the old checkpoint resumes (here: is already done)
+    train(WarmstartConfig(out=tmp_path / "resumed", **common), progress=False)
 
 
 def test_init_from_continues_a_finished_warm_start_on_another_split(tmp_path):

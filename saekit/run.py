@@ -1,0 +1,111 @@
+"""The run fields the long jobs share, and the one check that a resumed run is the same run.
+
+Every long job (activation cache, SAE training, seg training, GRPO, warm start, world SAM
+pretraining) stores `config_record(cfg)` with its checkpoint and calls `check_resume(saved,
+cfg, what)` before it continues one. Fields made with `free_on_resume` (where to write, which
+device, how many threads, how often to log or checkpoint) may differ between the two runs;
+every other field must be what the checkpoint was written with.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any
+
+from saekit.errors import UserError
+
+_RESUME = "resume"
+_FREE = "free"
+
+
+def free_on_resume(default: Any = dataclasses.MISSING) -> Any:
+    """A config field that a resumed run may change because it does not change what the run
+    computes: `config_record` leaves it out and `check_resume` skips it."""
+    return dataclasses.field(default=default, metadata={_RESUME: _FREE})
+
+
+def is_free_on_resume(field: dataclasses.Field) -> bool:
+    return field.metadata.get(_RESUME) == _FREE
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class RunConfig:
+    """The fields of a long, resumable job. Subclasses are keyword-only dataclasses too and
+    redefine `out` with their default folder (again with `free_on_resume`)."""
+
+    out: Path = free_on_resume()
+    """Output folder; re-running on it continues the run there."""
+    seed: int = 0
+    """Seeds everything random in the run: initial weights, data order, torch's RNG."""
+    resume: bool = free_on_resume(True)
+    """Continue from the checkpoint in `out` when there is one (its config must match)."""
+    threads: int = free_on_resume(0)
+    """torch CPU threads; 0 = all cores."""
+    device: str = free_on_resume("auto")
+    """'auto' (cuda when available), 'cpu', 'cuda', ..."""
+
+
+def _json_value(value: Any) -> Any:
+    if isinstance(value, Path):
+        return str(value.expanduser().resolve())
+    if isinstance(value, (tuple, list)):
+        return [_json_value(v) for v in value]
+    return value
+
+
+def config_record(cfg: Any, *, free: bool = False) -> dict[str, Any]:
+    """The dataclass `cfg` as JSON values (paths absolute, tuples as lists), in field order.
+    Fields free on resume are left out unless `free` (a full account of what ran)."""
+    return {f.name: _json_value(getattr(cfg, f.name)) for f in dataclasses.fields(cfg)
+            if free or not is_free_on_resume(f)}
+
+
+def _same(saved: Any, value: Any) -> bool:
+    if isinstance(value, Path) and isinstance(saved, str):  # older records kept paths as given
+        return Path(saved).expanduser().resolve() == value.expanduser().resolve()
+    return saved == _json_value(value)
+
+
+def _default(field: dataclasses.Field) -> Any:
+    if field.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
+        return field.default_factory()  # type: ignore[misc]
+    return field.default
+
+
+def _changes(saved: dict[str, Any], cfg: Any) -> list[str]:
+    """What differs between the record `saved` and `cfg`, one phrase per field."""
+    fields = {f.name: f for f in dataclasses.fields(cfg)}
+    changes = []
+    for name, field in fields.items():
+        value = getattr(cfg, name)
+        if is_free_on_resume(field):
+            continue
+        if name in saved:
+            if not _same(saved[name], value):
+                changes.append(f"field {name!r} was {saved[name]!r}, now {_json_value(value)!r}")
+            continue
+        default = _default(field)
+        if default is dataclasses.MISSING or _json_value(default) != _json_value(value):
+            told = "" if default is dataclasses.MISSING else f" (default {_json_value(default)!r})"
+            changes.append(f"field {name!r} was not recorded{told}, now {_json_value(value)!r}")
+    changes += [f"field {name!r} was {value!r}, now not a setting" for name, value in saved.items()
+                if name not in fields]
+    return changes
+
+
+def check_resume(saved: dict[str, Any], cfg: Any, what: str) -> None:
+    """A one-line `UserError` unless a run whose checkpoint recorded `saved` (a `config_record`)
+    may continue under the config `cfg`; `what` names the job and the checkpoint, e.g.
+    "train: runs/x/checkpoint".
+
+    Fields free on resume are skipped. A field that `saved` lacks (added to the config after
+    the checkpoint was written) counts as changed only when its value in `cfg` differs from
+    the field's default, so an old checkpoint resumes when new fields keep their defaults.
+    A recorded field the config no longer has counts as changed.
+    """
+    changes = _changes(saved, cfg)
+    if changes:
+        names = {f.name for f in dataclasses.fields(cfg)}
+        advice = "use another --out or --no-resume" if "resume" in names else "use another --out"
+        raise UserError(f"{what} was written with other settings: {'; '.join(changes)}; {advice}")
