@@ -12,6 +12,7 @@ from saekit.sae.model import SparseAutoencoder
 from segcompass.model import load_segcompass
 from segcompass.training.supervised import TrainConfig, param_groups, train
 from segcompass.world.warmstart import WarmstartConfig, build_policy
+from segcompass_tiny import TINY_SAE_LAYER, tiny_checkpoint  # noqa: F401 (session fixture)
 
 
 @pytest.fixture(scope="module")
@@ -172,3 +173,37 @@ def test_hallucination_share_swaps_samples_deterministically(pieces, tmp_path):
         dataclasses.replace(plain, hallucination_share=1.5)
     with pytest.raises(Exception, match="hallucination-share is for --mode seg"):
         dataclasses.replace(plain, mode="rl+seg", hallucination_share=0.2)
+
+
+def test_concept_routed_model_reads_its_inputs_only_through_the_codes(tiny_checkpoint, tmp_path):  # noqa: F811
+    """--head-routing concepts: the rows the head reads are the concentration and image tokens'
+    codes; editing the raw e_k / image states changes nothing, dropping the codes changes the
+    masks; and a few training steps run and save a checkpoint that loads back identically."""
+    from saekit.inputs import TokenType
+    from segcompass.model import load_segcompass
+    from segcompass.training.batching import seg_batch
+    from segcompass.training.supervised import train
+
+    # the tiny checkpoint's SAE is calibrated so that atoms pass the codebook threshold
+    cfg = dataclasses.replace(_cfg(tiny_checkpoint, tmp_path / "run", steps=2), head_routing="concepts",
+                              sae_layer=TINY_SAE_LAYER)
+    final = train(cfg, progress=False)
+    model = load_segcompass(final).eval()
+    assert model.head.concept_routed and model.head_cfg.routing == "concepts"
+    batch = seg_batch(model, "train", 2, seed=0, start=0)
+    with torch.no_grad():
+        embeddings = model.image_embeddings(batch.images)
+        forward = model(batch.model_batch, embeddings)
+        slots, inputs = model.head_inputs(forward.policy, batch.model_batch, embeddings)
+        types = batch.model_batch.token_types
+        ref = model.ref_token_id
+        for b in range(2):  # slot rows point at this sample's concentration tokens, image rows at its image
+            rows = inputs.slot_rows[b][inputs.slot_rows[b] >= 0]  # slots past the response's tokens: -1
+            assert len(rows) == int(slots.slots_written[b]) and bool((slots.token_sample_index[rows] == b).all())
+            assert bool((batch.model_batch.model_inputs["input_ids"][b, slots.token_position[rows]] == ref).all())
+            assert bool((types[b, slots.token_position[inputs.image_rows[b]]] == int(TokenType.IMAGE)).all())
+        edited = model.run_head(inputs._replace(slot_embeddings=torch.randn_like(inputs.slot_embeddings),
+                                                policy_image=torch.randn_like(inputs.policy_image)))
+        no_codes = model.run_head(inputs._replace(codes=inputs.codes._replace(values=inputs.codes.values * 0)))
+    torch.testing.assert_close(edited.mask_logits, forward.head.mask_logits)
+    assert not torch.allclose(no_codes.mask_logits, forward.head.mask_logits)
