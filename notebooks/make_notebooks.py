@@ -1,6 +1,6 @@
 """Write the analysis notebooks from the cell sources below (run from anywhere:
 `python notebooks/make_notebooks.py`). The .ipynb files are generated, never edited by hand,
-so a review reads this file; `tests/test_notebooks.py` checks they are in sync.
+so a review reads this file; `tests/analyses/test_notebooks.py` checks they are in sync.
 
 Every notebook: a title, a cell tagged `parameters` (papermill's convention: a tool, or
 the tests, insert a cell after it that overrides the values), then calls into `analyses`
