@@ -1,4 +1,4 @@
-"""Every analysis of issue 6 on one trained checkpoint: PNG + CSV/JSON each, and summary.json.
+"""Every interpretability analysis on one trained checkpoint: PNG + CSV/JSON each, and summary.json.
 
     figure4_activation_patterns   active atoms per token by group over τ (Figure 4)
     figure5_instance_coverage     instance coverage of the top-K% image tokens vs random (Figure 5)
@@ -348,7 +348,8 @@ def concept_naming(c: Collected, *, min_count: int = 20, f1_threshold: float = 0
 # ---------------------------------------------------------------- runner
 
 def acceptance(summaries: dict[str, dict]) -> dict[str, Any]:
-    """Issue 6's acceptance numbers out of the analyses' summaries (NaN where an analysis was skipped)."""
+    """The headline numbers the paper's claims are judged by, out of the analyses' summaries
+    (NaN where an analysis was skipped)."""
     nan = float("nan")
     f4, f5 = summaries["figure4_activation_patterns"], summaries["figure5_instance_coverage"]
     ff, fh, nm = summaries["faithfulness"], summaries["faithfulness_heatmap"], summaries["concept_naming"]
@@ -388,7 +389,7 @@ MIN_MEANINGFUL_DROP = 0.01
 
 
 def passes_deletion_bar(drop) -> bool:
-    """Issue 6's bar: deleting a slot's top-5 atoms drops IoU >= 3x more than 5 random active atoms.
+    """The faithfulness bar: deleting a slot's top-5 atoms drops IoU >= 3x more than 5 random active atoms.
 
     A ratio alone is vacuous when the random drop is ~0 or negative (a 2e-4 drop against
     -1e-5 is an "infinite" ratio of nothing), so the top-5 drop must also be meaningful.

@@ -6,13 +6,12 @@ SAE pathway alone. This analysis fits, per layer, a linear probe from the state 
 first response `<REF_POS>` of single-target samples to the target's colour and shape
 (train samples), and reports held-out accuracy (val samples) next to chance.
 
-Measured on the embedded world (2 cores, teacher-forced ground-truth CoT): a warm start
-without the concentration-token probe gave 57% / 63% (colour / shape) at the last layer;
-with it (`segcompass.world.probes.build_slot_probe`) 100% / 100%; chance is 17%.
+What it reads on the embedded world, with and without the warm start's concentration-token
+probe (`segcompass.world.probes.build_slot_probe`), is in docs/results.md.
 
 Note the position: the prompt names `<REF_POS>` too ("output 1 <REF_POS> token"), so the
-first `<REF_POS>` of the sequence is a prompt token whose state carries no target (an
-earlier ad-hoc probe read that one and under-reported the first number as 39% / 37%).
+first `<REF_POS>` of the sequence is a prompt token whose state carries no target; reading
+it would under-report what e_k holds.
 """
 
 from __future__ import annotations

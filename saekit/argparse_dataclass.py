@@ -42,6 +42,33 @@ def _flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
+_METAVARS: dict[Any, str] = {int: "N", float: "X", str: "S", Path: "PATH"}
+"""Short placeholders by type, so most flags and their help share one line of `--help`."""
+
+
+class HelpFormatter(argparse.HelpFormatter):
+    """`--help` that fits a screen: the usage line names positionals and required flags only
+    (every flag is listed below it), and a boolean flag reads `--[no-]name`."""
+
+    def __init__(self, prog: str, **kwargs: Any) -> None:
+        kwargs.setdefault("max_help_position", 28)  # argparse's 24 puts most flags on a line of their own
+        super().__init__(prog, **kwargs)
+
+    def add_usage(self, usage, actions, groups, prefix=None):  # type: ignore[override]
+        shown = [a for a in actions if not a.option_strings or a.required
+                 or isinstance(a, argparse._HelpAction)]
+        if usage is None and len(shown) < len(actions):
+            more = argparse.Action(option_strings=[], dest="options", nargs="?", metavar="options")
+            shown = shown[:1] + [more] + shown[1:]
+        super().add_usage(usage, shown, [], prefix)
+
+    def _format_action_invocation(self, action: argparse.Action) -> str:
+        if isinstance(action, argparse.BooleanOptionalAction):
+            return ", ".join(s.replace("--", "--[no-]", 1) for s in action.option_strings
+                             if not s.startswith("--no-"))
+        return super()._format_action_invocation(action)
+
+
 def _unwrap_optional(tp: Any) -> tuple[Any, bool]:
     args = typing.get_args(tp)
     if typing.get_origin(tp) in (typing.Union, getattr(__import__("types"), "UnionType", None)) \
@@ -67,7 +94,7 @@ def add_config_args(parser: argparse.ArgumentParser, cls: type, *,
         required = field.default is dataclasses.MISSING and field.default_factory is dataclasses.MISSING
         # argparse %-formats help strings: a literal '%' in a docstring ("10%") must be doubled.
         help_text = docs.get(field.name, "").replace("%", "%%")
-        if not required:
+        if not required and default is not None:  # a None default is described by the docstring
             help_text += f" (default: {default})"
         kwargs: dict[str, Any] = {"dest": field.name, "help": help_text, "required": required,
                                   "default": argparse.SUPPRESS}
@@ -81,10 +108,10 @@ def add_config_args(parser: argparse.ArgumentParser, cls: type, *,
             item = typing.get_args(tp)[0]
             kwargs["nargs"] = "+"
             kwargs["type"] = item
-        elif tp in (int, float, str):
+            kwargs["metavar"] = _METAVARS.get(item)
+        elif tp in (int, float, str, Path):
             kwargs["type"] = tp
-        elif tp is Path:
-            kwargs["type"] = Path
+            kwargs["metavar"] = _METAVARS[tp]
         else:
             raise TypeError(f"{cls.__name__}.{field.name}: no CLI parser for type {tp!r}")
         group.add_argument(_flag(field.name), **kwargs)

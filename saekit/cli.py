@@ -10,6 +10,7 @@ import argparse
 import importlib
 import sys
 
+from saekit.argparse_dataclass import HelpFormatter
 from saekit.errors import UserError
 
 COMMANDS: dict[str, str] = {
@@ -26,7 +27,8 @@ def dispatch(prog: str, package: str, commands: dict[str, str], argv: list[str] 
     parser = argparse.ArgumentParser(prog=prog)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, help_text in commands.items():
-        sub_parser = sub.add_parser(name, help=help_text, description=help_text)
+        sub_parser = sub.add_parser(name, help=help_text, description=help_text,
+                                    formatter_class=HelpFormatter)
         if argv and argv[0] == name:  # import only the subcommand that runs
             _module(package, name).add_arguments(sub_parser)
     args = parser.parse_args(argv)

@@ -37,9 +37,9 @@ class RunConfig:
     out: Path = free_on_resume()
     """Output folder; re-running on it continues the run there."""
     seed: int = 0
-    """Seeds everything random in the run: initial weights, data order, torch's RNG."""
+    """Seeds everything random in the run."""
     resume: bool = free_on_resume(True)
-    """Continue from the checkpoint in `out` when there is one (its config must match)."""
+    """Resume the run found in `out`."""
     threads: int = free_on_resume(0)
     """torch CPU threads; 0 = all cores."""
     device: str = free_on_resume("auto")

@@ -65,20 +65,12 @@ class HeadConfig:
     """Feed Q_k to the confidence head besides the pooled scores (the paper's F_conf sees S only)."""
     key_kernel: int = 1
     """Side of the slot mapper's key projection W^K over the image embedding: 1 = the paper's
-    per-position projection; 3 lets each key see its 3x3 neighbourhood of embedding cells.
-    Measured on the world (demo policy, SAE and SAM, 500 seg steps): testA 57.4 -> 56.4 gIoU,
-    multi 57.2 -> 57.8, testB and reason unchanged at 3, so the presets keep 1."""
+    per-position projection; 3 lets each key see its 3x3 neighbourhood of embedding cells."""
     policy_image_keys: bool = False
     """Add the policy's own image tokens (layer-L states, the ones the SAE reads) to the slot
     mapper's keys, bilinearly resized to the SAM grid (`SlotMapper(policy_dim=...)`). Off in
     the paper presets (SAM ViT-H keys only); on for the world, whose small SAM stand-in
-    barely encodes shape. Needs a square grid of image tokens (LLaVA). Measured on the world
-    (the demo's policy, SAE and SAM; gIoU, 200 samples per split): 500 seg steps without ->
-    1000 with: testA 57.4 -> 60.6, testB 28.4 -> 34.9, multi 57.2 -> 56.4 (N-acc 67 -> 74),
-    reason 37.7 -> 30.4. Masks follow the chain of thought: when it names the right target,
-    testA IoU 0.71 -> 0.79 (a same-coloured object also taken in 47% -> 28% of them) and
-    reason 0.57 -> 0.68; when it names a wrong one the mask now lands on that object
-    (testA 0.23 -> 0.13, reason 0.32 -> 0.19), hence the lower `reason` score."""
+    barely encodes shape. Needs a square grid of image tokens (LLaVA)."""
     sam_preset: str = "sam-vit-h"
     """SAM preset whose image embedding, prompt encoder and mask decoder the head uses."""
     routing: Literal["paper", "concepts"] = "paper"

@@ -30,73 +30,73 @@ class SAETrainConfig:
     """What to train on, the SAE's shape, and the optimisation recipe."""
 
     out: Path = free_on_resume()
-    """Output folder: cfg.json + sae_weights.safetensors (sae-lens format), saekit.json, metrics.jsonl, checkpoints/. Re-running on the same folder resumes from its last checkpoint."""
+    """Output folder (sae-lens files, saekit.json, metrics.jsonl); re-running resumes."""
     cache: Path | None = None
-    """Activation cache written by `saekit cache` to train from (default: capture on the fly from --model/--data)."""
+    """Activation cache to train from (default: capture from --model and --data)."""
     model: str | None = None
-    """Model preset to capture from when there is no --cache (e.g. llava-1.5-7b, tiny-llava)."""
+    """Model preset to capture from (e.g. llava-1.5-7b)."""
     model_path: Path | None = None
-    """Local folder with the model weights (default: the preset's hub id in the local HF cache)."""
+    """Model weights folder (default: the HF cache)."""
     data: Path | None = None
-    """Image-text data to capture on the fly: a .jsonl (plain or OBELICS documents) or a datasets.save_to_disk folder."""
+    """Image-text data to capture: .jsonl (plain or OBELICS) or a saved dataset."""
     layer: int | None = None
-    """Hooked layer L = HF hidden_states[L] (output of block L counted from 1; TransformerLens blocks.{L-1}.hook_resid_post). Default: the cache's only layer, or the preset's default layer."""
+    """Layer L = HF hidden_states[L] (default: the cache's or the preset's)."""
     token_types: tuple[str, ...] = ("image", "prompt", "response")
-    """Token types to train on: any of image, prompt, response, special. Default: one SAE over image and text tokens; special tokens (BOS, chat markers) are left out because the BOS residual is a massive-norm outlier that would dominate the normalisation and the loss."""
+    """Token types to train on, of image, prompt, response, special (BOS is an outlier)."""
     architecture: Architecture = "standard"
-    """standard: ReLU SAE with decoder-norm-scaled L1 (the paper's); topk: TopK SAE with the AuxK dead-latent loss."""
+    """standard: ReLU + decoder-norm L1 (the paper's); topk: TopK + AuxK."""
     d_sae: int = 65536
-    """Number of SAE latents (the paper's 65536; see the memory estimate printed before training)."""
+    """Number of SAE latents (the memory it needs is printed before training)."""
     k: int = 64
-    """Active latents per token of a topk SAE."""
+    """topk: active latents per token."""
     l1_coefficient: float = 5.0
-    """α of the standard SAE's sparsity term α·Σ_i f_i·‖W_dec,i‖₂ (the paper's 5)."""
+    """standard: α of the sparsity term α·Σ_i f_i·‖W_dec,i‖₂."""
     lr: float = 5e-5
-    """Peak learning rate of AdamW."""
+    """Peak AdamW learning rate."""
     warmup_steps: int = 500
-    """Steps of linear learning-rate warm-up from lr/warmup_steps to lr."""
+    """Linear warm-up steps."""
     lr_end_ratio: float = 0.1
-    """After warm-up the learning rate follows a cosine from lr down to lr_end_ratio·lr at the last step."""
+    """Cosine decay ends at lr_end_ratio·lr."""
     grad_clip: float = 1.0
-    """Clip the global gradient norm to this value (0 disables)."""
+    """Global gradient-norm clip; 0 = off."""
     adam_beta1: float = 0.9
     """AdamW β1."""
     adam_beta2: float = 0.999
     """AdamW β2."""
     weight_decay: float = 0.0
-    """AdamW decoupled weight decay (0: the sparsity term already penalises decoder norms)."""
+    """AdamW weight decay (the sparsity term already penalises decoder norms)."""
     batch_size: int = 4096
-    """Tokens per optimisation step."""
+    """Tokens per step."""
     training_tokens: int = 100_000_000
-    """Tokens to train on (steps = training_tokens // batch_size). A cache is cycled in reshuffled epochs; on-the-fly capture makes one pass and stops early if the data runs out."""
+    """Tokens to train on; a cache is cycled, a capture stops if the data ends."""
     normalize: Normalization = "expected_average_only_in"
-    """expected_average_only_in: scale inputs by s so that E‖s·x‖ = sqrt(d_in) (as sae-lens), estimated before training and folded into the saved weights; none: raw activations."""
+    """Scale inputs so E‖x‖ = sqrt(d_in) (as sae-lens); none: raw."""
     norm_estimate_batches: int = 16
-    """Batches read (from the start of the data) to estimate the normalisation scale and the activation mean."""
+    """Batches estimating scale and mean."""
     init_b_dec: Literal["mean", "zeros"] = "mean"
-    """Initial decoder bias: the (normalised) activation mean of the estimate batches, so training starts from the mean reconstruction (FVU 1); or zeros."""
+    """Initial decoder bias (mean: FVU starts at 1)."""
     aux_k: int | None = None
-    """topk: dead latents used by the AuxK loss per token (default d_in // 2, as Gao et al. 2024)."""
+    """topk: dead latents in AuxK (default: d_in // 2)."""
     aux_coefficient: float = 1 / 32
-    """topk: weight of the AuxK loss (Gao et al. 2024's 1/32)."""
+    """topk: AuxK loss weight."""
     dead_tokens_window: int = 10_000_000
-    """A latent that has not fired for this many training tokens counts as dead (dead_fraction metric; AuxK targets)."""
+    """Tokens without firing = dead."""
     log_every: int = free_on_resume(100)
-    """Append a metrics line to metrics.jsonl every this many steps (and at the last step)."""
+    """Steps between metrics lines."""
     checkpoint_every: int = free_on_resume(1000)
-    """Write a resumable checkpoint every this many steps (0: only the final files)."""
+    """Steps between resumable checkpoints; 0 = only the final files."""
     keep_checkpoints: bool = free_on_resume(False)
-    """Keep checkpoints/ after the final files are written (default: delete them, they hold optimiser state)."""
+    """Keep checkpoints/ at the end (they hold optimiser state)."""
     seed: int = 0
     """Seed of the weight initialisation and the data shuffling."""
     device: str = free_on_resume("auto")
-    """Device: auto (cuda when available, else cpu), cpu, cuda, cuda:1, ..."""
+    """auto (cuda when available, else cpu), cpu, cuda, cuda:1, ..."""
     dtype: Literal["float32", "bfloat16"] = "float32"
-    """Dtype of weights, optimiser state and arithmetic. float32 is the recipe; bfloat16 halves memory on a GPU (never on a CPU: its bf16 matmuls are ~300x slower)."""
+    """bfloat16 halves memory on a GPU (on a CPU it is slow)."""
     samples_per_forward: int = 8
-    """On-the-fly capture: samples per model forward pass."""
+    """Capture: samples per forward pass."""
     strict: bool = False
-    """On-the-fly capture: stop at the first missing or unreadable image instead of skipping it."""
+    """Capture: stop at a missing or unreadable image instead of skipping it."""
 
     def __post_init__(self) -> None:
         _check_positive(self, ("d_sae", "k", "batch_size", "training_tokens", "log_every",

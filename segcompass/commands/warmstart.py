@@ -10,8 +10,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     from segcompass.world.warmstart import QUICK_OVERRIDES, WarmstartConfig
 
     quick = ", ".join(f"{k}={v}" for k, v in QUICK_OVERRIDES.items())
-    parser.epilog = (f"--quick sets {quick}. Re-running the same command after an interruption "
-                     "resumes from OUT/checkpoint and ends with the same weights as an uninterrupted run.")
+    parser.epilog = (f"--quick: {quick}. Re-running after an interruption resumes, to the same "
+                     "weights.")
     add_config_args(parser, WarmstartConfig)
     parser.add_argument("--no-progress", action="store_true", help="Hide the progress bars.")
 

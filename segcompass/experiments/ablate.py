@@ -54,8 +54,8 @@ class AblateConfig:
     sae_layer: int = 2
     """Policy layer the SAE reads."""
     steps: int = 500
-    """Optimizer steps per run (the fixed budget, with `sequences`). At 150 steps the heads had
-    not learned to ground yet (every mode ~37 testA gIoU, the level of picking an object at random)."""
+    """Optimizer steps per run (the fixed budget, with `sequences`); enough for the heads to
+    learn to ground."""
     sequences: int = 16
     """Sequences per step: seg samples, or GRPO prompts x group size."""
     group_size: int = 8

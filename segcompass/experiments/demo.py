@@ -27,7 +27,7 @@ class DemoConfig:
     out: Path = Path("runs/demo")
     """Output folder; index.html at its top links every result."""
     quick: bool = False
-    """A ~5-minute run with smaller everything (numbers are then only a smoke test)."""
+    """A few-minute run with smaller everything (its numbers are only a smoke test)."""
     sae_layer: int = 2
     """Policy layer the SAE reads (of the tiny policy's 4)."""
     d_sae: int = 4096
@@ -38,27 +38,18 @@ class DemoConfig:
     """Tokens the SAE trains on (the cache is cycled)."""
     absence_steps: int = 400
     """Steps of the warm start's last phase (`warmstart --init-from ... --split train_absence`):
-    the finished policy trains on `train` with the no-target relation case doubled ('the shape
-    {R} the {C} {S}' with nothing there, 4 -> 8% of samples), at a quarter of the first phase's
-    peak learning rate. 0 = skip. Measured (seed 0) on the 3200-step warm start it was made for:
-    `multi` N-acc 68.9 -> 98.4, gIoU 66.7 -> 69.5, testA 81.5 -> 81.8, `reason` 17.1 -> 11.7
-    (README, "Where N-acc was lost"). On the 4000-step default it depends on the seed: val
-    no-target 90 -> 90% (seed 0), 77 -> 93% (seed 1, single-target 86.8 -> 83.3%)."""
+    the finished policy sees the no-target relation case twice as often, to sharpen its
+    absence decision. 0 = skip."""
     absence_lr: float = 5e-4
     """Peak learning rate of that phase (the first phase peaks at 2e-3 and ends at 2e-4)."""
     sam_steps: int = 800
     """Promptable-segmentation pretraining steps of the world SAM (`segcompass sam-pretrain`)."""
     seg_steps: int = 1000
-    """SegCompass training steps (~0.6-0.7 s each on 2 idle cores: 9.6-11.8 min in the default
-    demo, whose testA / multi gIoU are 83.6 / 79.9, N-acc 91.8). With the slot mapper keyed on
-    the policy's image tokens too (`HeadConfig.policy_image_keys`), on a 1200-step warm start:
-    testA gIoU 58.3 at 500 steps, 60.6 at 1000, and the train-batch match IoU was still rising
-    (0.61 over steps 400-500, 0.68 over 800-1000). Without those keys 900 was no better than 500."""
+    """SegCompass training steps (`segcompass train --steps`)."""
     mode: Literal["seg", "rl", "rl+seg"] = "seg"
-    """SegCompass training mode (`segcompass train --mode`); see README for the measured comparison."""
+    """SegCompass training mode (`segcompass train --mode`)."""
     heatmap_dice_weight: float = 1.0
-    """`segcompass train --heatmap-dice-weight` (paper: 0). Measured on the world, 500 steps:
-    val 49.0 -> 51.2, multi 55.7 -> 58.9 gIoU (N-acc 90 -> 100), testA / testB / reason unchanged."""
+    """`segcompass train --heatmap-dice-weight` (paper: 0; the world's masks gain from it)."""
     hallucination_share: float = 0.0
     """`segcompass train --hallucination-share`: share of training samples replaced by a
     no-target instruction whose chain of thought names an absent object (`world.hallucinated_sample`).
@@ -247,6 +238,9 @@ def _index(out: Path, cfg: DemoConfig, scores: dict, reports: list[Path], timing
                       f' width="360" alt="{html.escape(stem)}"></a><figcaption>{html.escape(stem)}</figcaption></figure>'
                       for stem, f in files.items() if "png" in f)
     accept = json.dumps((analyses or {}).get("acceptance", {}), indent=1)
+    from analyses.causal import CAUSAL_DIR, index_html  # links once `segcompass analyze --causal` has run
+
+    causal = index_html(out / "analyses" / CAUSAL_DIR, f"analyses/{CAUSAL_DIR}/")
     table = (out / "eval" / "metrics.md").read_text() if (out / "eval" / "metrics.md").is_file() else ""
     page = (f"<!doctype html><meta charset='utf-8'><title>segcompass demo</title>"
             f"<h1>segcompass demo{' (quick)' if cfg.quick else ''}</h1>"
@@ -254,7 +248,7 @@ def _index(out: Path, cfg: DemoConfig, scores: dict, reports: list[Path], timing
             f"<h2>Prediction reports</h2><ul>{links}</ul>"
             f"<h2>Warm-started policy (greedy, val)</h2><pre>{html.escape(_policy_summary(out))}</pre>"
             f"<h2>Analyses</h2><div style='display:flex;flex-wrap:wrap;gap:8px'>{figures}</div>"
-            f"<pre>{html.escape(accept)}</pre>"
+            f"<pre>{html.escape(accept)}</pre>{causal}"
             f"<h2>Timings (s)</h2><pre>{html.escape(json.dumps({k: round(v, 1) for k, v in timings.items()}, indent=1))}</pre>")
     path = out / "index.html"
     path.write_text(page)

@@ -14,8 +14,8 @@ With `policy_dim` > 0 the keys also read the policy's own image tokens (B, n, d_
 square grid of n = g^2 patches: each is layer-normed, projected per position and bilinearly
 resized to the SAM grid, then added to SAM's keys (a projection of the concatenated
 features, computed in two parts). An addition for the embedded world, whose small SAM
-stand-in reads an object's shape from an 8-pixel cell for only ~37% of cells (ViT-H's
-features are semantic; the world policy's image tokens read shape for ~93% of patches).
+stand-in barely reads an object's shape from an 8-pixel cell while the world policy's image
+tokens do (ViT-H's features are semantic; docs/results.md).
 
 F_conf pools each head's score map (max and mean over positions); with
 `confidence_uses_query` it also sees Q_k, so a slot can report "nothing to find" from the

@@ -43,53 +43,49 @@ class TrainConfig(RunConfig):
     """Supervised SegCompass training on the embedded world."""
 
     policy: Path
-    """Warm-started policy folder (`segcompass warmstart` output, `policy/` inside it)."""
+    """Warm-started policy folder (warmstart's `model/`)."""
     sae: Path
-    """SAE folder trained on the policy's layer `sae_layer` (`saekit train` output)."""
+    """SAE folder for the policy's layer `sae_layer`."""
     out: Path = free_on_resume(Path("runs/segcompass"))
     """Output folder: checkpoint/, final/, metrics.jsonl."""
     mode: Literal["seg", "rl", "rl+seg"] = "seg"
-    """Training mode (Table 4). `seg`: segmentation supervision on teacher-forced ground-truth
-    reasoning; `rl`: GRPO on the policy's own rollouts only; `rl+seg`: GRPO plus segmentation
-    supervision on the same rollout forward pass, one backward (`segcompass.training.grpo`)."""
+    """seg: mask loss on teacher-forced reasoning; rl: GRPO; rl+seg: both (Table 4)."""
     sae_layer: int = 2
-    """Policy layer the SAE reads (saekit numbering: HF hidden_states[L])."""
+    """Policy layer the SAE reads."""
     policy_preset: str = "tiny-llava"
     """saekit preset of the policy."""
     head_preset: str = "tiny-llava"
-    """Head dimensions preset (segcompass.build.HEAD_PRESETS)."""
+    """Head dimensions preset."""
     sam_preset: str = "sam-tiny-16"
-    """SAM preset; sam-tiny-* train from scratch, sam-vit-* load from --sam-path (frozen encoder)."""
+    """SAM preset; sam-vit-* load from --sam-path (frozen encoder)."""
     sam_path: Path | None = None
-    """Local folder of a pretrained SAM (facebook/sam-vit-* layout)."""
+    """Folder of a pretrained SAM (facebook/sam-vit-*)."""
     key_kernel: int = 0
-    """Side of the slot mapper's key projection (`HeadConfig.key_kernel`, odd); 0 = the head preset's."""
+    """Slot-mapper key kernel (odd); 0 = the preset's."""
     policy_image_keys: Literal["preset", "on", "off"] = "preset"
-    """Slot-mapper keys also read the policy's image tokens (`HeadConfig.policy_image_keys`):
-    'preset' = the head preset's choice (on for the world, off for the paper presets)."""
+    """Slot-mapper keys also read the policy's image tokens."""
     steps: int = 900
     """Optimizer steps."""
     batch_size: int = 16
     """World samples per step."""
     lr: float = 2e-5
-    """Base learning rate of the policy's trainable blocks (paper: 2e-6 for a 7B MLLM)."""
+    """Base learning rate (paper: 2e-6)."""
     policy_lr_mult: float = 1.0
-    """Multiplier for the policy's trainable blocks (paper: 1). The world policy was warm-started
-    at a peak of 2e-3, so at 2e-5 GRPO barely moves it in a CPU-sized run; the ablation raises it."""
+    """LR multiplier: policy (paper: 1)."""
     codebook_lr_mult: float = 25.0
-    """Multiplier for the query codebook and concept aggregator (paper: 25)."""
+    """LR multiplier: codebook, aggregator."""
     slot_mapper_lr_mult: float = 80.0
-    """Multiplier for the slot mapper (paper: 80)."""
+    """LR multiplier: slot mapper."""
     decoder_lr_mult: float = 10.0
-    """Multiplier for SAM's prompt encoder and mask decoder (paper: 10)."""
+    """LR multiplier: SAM decoder."""
     sam_encoder_lr_mult: float = 25.0
-    """Multiplier for a trainable (world) SAM vision encoder; ignored when it is frozen."""
+    """LR multiplier: SAM encoder."""
     weight_decay: float = 0.01
     """AdamW weight decay."""
     grad_clip: float = 1.0
     """Global gradient-norm clip."""
     pct_start: float = 0.1
-    """OneCycle: fraction of steps spent warming up."""
+    """OneCycle warm-up share."""
     seg_weight: float = 1.0
     """lambda_s."""
     conf_weight: float = 0.2
@@ -97,51 +93,38 @@ class TrainConfig(RunConfig):
     dice_weight: float = 0.6
     """lambda_D."""
     heatmap_dice_weight: float = 0.0
-    """Extra Dice on the heatmaps (paper: 0); see SegLossConfig. The world needs it (~1)."""
+    """Dice on the heatmaps (paper: 0)."""
     slot_embedding_dropout: float = 0.0
-    """Probability, per training sample and step, that its concentration-token states e_k are
-    zeroed before the slot mapper, so that sample must be grounded from the SAE concept pathway
-    r_k alone (not in the paper). With e_k carrying the target, the mapper otherwise learns to
-    ignore r_k and the atoms the provenance names have no causal effect on the mask. 0 = off.
-    Measured on the world at 0.5 (500 steps): testA 44.6 -> 35.5 gIoU and top-5 atom deletion
-    still changed IoU by < 0.001, so it stays off by default."""
+    """Chance per sample that e_k is zeroed (masks from SAE atoms alone)."""
     hallucination_share: float = 0.0
-    """Probability, per training sample and step, that it is replaced by its hallucinated twin
-    (`world.hallucinated_sample`): the same image under a no-target instruction whose chain of
-    thought names an absent object as if it were there, with no targets. The head then learns
-    to check the object the reasoning names against the image, so a policy that misses an
-    absence can still get an empty mask (N-acc). Not in the paper; mode seg only. 0 = off.
-    Measured on the demo's pieces (1000 steps): at 0.15 multi N-acc 68.9 -> 73.8 but gIoU
-    66.7 -> 65.5 and testA 81.5 -> 80.5; the policy almost never names an absent object (its
-    N-acc misses name present ones), so it stays off."""
+    """Chance per sample of its hallucinated twin (seg)."""
     log_every: int = free_on_resume(10)
-    """Write a metrics.jsonl record every this many steps."""
+    """Steps between metrics.jsonl records."""
     checkpoint_every: int = free_on_resume(100)
     """Save a resumable checkpoint every this many steps (and at the end)."""
     # ---- GRPO (modes rl, rl+seg; segcompass.training.grpo). Ignored by mode seg. ----
     group_size: int = 8
-    """G: rollouts sampled per prompt (paper: 8; Figure 6 varies it)."""
+    """G: rollouts per prompt (paper: 8)."""
     rl_prompts: int = 2
-    """World samples (prompts) per GRPO step; the step trains on rl_prompts x group_size rollouts."""
+    """Prompts per GRPO step."""
     kl_coef: float = 0.2
-    """beta: weight of the k3 KL to the frozen reference policy (paper: 0.2)."""
+    """beta: KL weight."""
     clip_epsilon: float = 0.2
-    """PPO ratio clip epsilon (paper: 0.2)."""
+    """PPO ratio clip epsilon."""
     temperature: float = 1.0
-    """Sampling temperature of the rollouts (evaluation always decodes greedily)."""
+    """Rollout sampling temperature."""
     max_new_tokens: int = 96
     """Longest rollout, in tokens."""
     format_reward_weight: float = 0.3
-    """w_format of the reward (paper: 0.3; Table 6)."""
+    """w_format of the reward (Table 6)."""
     mask_reward_weight: float = 0.7
-    """w_mask of the reward (paper: 0.7; Table 6)."""
+    """w_mask of the reward (Table 6)."""
     confidence_threshold: float = 0.5
-    """Multi-object mask reward: slots with sigmoid(c_k) >= this are predictions."""
+    """Reward counts slots with sigmoid(c_k) >= this."""
     grad_accum: int = 1
-    """Micro-batches per optimizer step, per process (each must hold whole groups)."""
+    """Micro-batches per step and process."""
     rollout_engine: Literal["generate", "vllm-colocate", "vllm-server"] = "generate"
-    """Who samples the rollouts: `generate` (HF, KV cache, keyed sampling: identical rollouts on
-    any number of processes) or TRL's vLLM backends (GPU; see docs/multi_gpu.md)."""
+    """HF generate, or TRL's vLLM (GPU; docs/multi_gpu.md)."""
 
     def __post_init__(self) -> None:
         for name in ("steps", "batch_size", "log_every", "checkpoint_every"):

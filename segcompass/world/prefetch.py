@@ -1,12 +1,12 @@
 """Build each training step's batch ahead of the optimizer, in worker processes.
 
-On a GPU the warm start's step is ~0.13 s, nearly all of it rendering world images and
-tokenising on one CPU thread while the GPU waits. The batches are a pure function of the
+On a GPU the warm start's step is mostly rendering world images and tokenising on one
+CPU thread while the GPU waits. The batches are a pure function of the
 step index (`warmstart.step_examples`, `vision_pretrain`'s sample ranges), so workers can
 build steps k+1, k+2, ... while step k trains, and the result is the same batch for the
-same step whatever the number of workers: training and resume stay exact (tests/test_prefetch.py
-checks batches and trained weights against the inline path). The GPU speed-up itself has not
-been measured: no GPU was lent after this was written.
+same step whatever the number of workers: training and resume stay exact
+(tests/segcompass/world/test_prefetch.py checks batches and trained weights against the
+inline path).
 """
 
 from __future__ import annotations

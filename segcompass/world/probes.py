@@ -10,9 +10,8 @@ Why words and not a free linear head: it pulls an image token of a red circle at
 left towards E[red], E[circle], E[top], E[left] — the same vectors the text uses — which is
 what LLaVA's first (alignment) stage does with captions. A tiny policy trained from scratch
 then finds 'the red circle' among the image tokens by the similarity it already uses to
-copy words, and learns to read the image within minutes instead of hours (measured in
-the warm start report). The probe holds three background vectors and a logit scale; it is
-training machinery only and never part of the saved policy.
+copy words, and learns to read the image far sooner. The probe holds three background
+vectors and a logit scale; it is training machinery only and never part of the saved policy.
 """
 
 from __future__ import annotations
@@ -48,8 +47,8 @@ def patch_targets(sample, grid: int, *, object_position: bool = True, owner: np.
 
     Why the object's: a large object covers ~3×3 patches, which straddle thirds, so with
     per-patch thirds the policy had to locate the object's centre patch among them before
-    it could say where the object is. Measured on a 1200-step warm start (teacher-forced
-    val): the first wrong token of 15 of the 20 failing `direct` samples was a position word.
+    it could say where the object is (most failing `direct` samples went wrong at a position
+    word; docs/results.md).
 
     `owner`: the sample's `patch_objects(labels, grid)` when the caller already has it.
     """
@@ -139,9 +138,8 @@ def build_slot_probe(tokenizer, hidden_size: int, seed: int) -> WordProbe:
 
     Why: the slot mapper reads the concentration tokens' last-layer states e_k, but plain
     teacher forcing never asks them to hold anything (they only predict the next <REF_POS>
-    or the end). Measured with a linear probe on single-target `val` samples: the target's
-    colour / shape were readable from e_k for ~57% / ~63% after a warm start without this
-    probe (chance 17%) and for 100% / 100% with it. The probe makes each concentration
+    or the end), and without this probe e_k held its target's colour and shape only in part
+    (docs/results.md). The probe makes each concentration
     token carry the target it stands for, which is what the paper's joint training
     teaches a 7B policy.
     """
@@ -171,8 +169,8 @@ def word_separation_loss(embeddings: torch.Tensor, word_ids: torch.Tensor, margi
     Why: with the output head tied to the input embeddings, two words that occur in the same
     contexts ('above' / 'below', 'largest' / 'smallest', 'stars' / 'triangles') receive the
     same output-side gradient until the policy can tell them apart, which pulls them together
-    before it can. Measured after a 600-step warm start without this term: cos(above, below)
-    0.967, and the policy copied 'below' from its own prompt as 'above' 21 times out of 21.
+    before it can (without this term the policy copied 'below' from its own prompt as
+    'above'; docs/results.md).
     """
     if not 0 <= margin < 1:
         raise ValueError(f"word_separation_loss: margin must lie in [0, 1), got {margin}")

@@ -61,10 +61,8 @@ class SplitSpec:
     single-target samples with probability `multi_prompt_share`."""
     multi_prompt_share: float = 0.0
     """Probability that a single-target sample gets the K-slot prompt. Above 0, the prompt no
-    longer tells the policy whether a target exists: with 0 in `train`, 'the {C} {S}' under the
-    K-slot prompt was always a no-target case, and a warm-started policy answered those 100%
-    right while answering 'all the {C} objects' with no such objects 0% right (it had learned
-    the prompt, not to look for absence)."""
+    longer tells the policy whether a target exists, so the policy must learn to look for
+    absence rather than learn the prompt (docs/results.md)."""
     template_weights: dict[str, float] = field(default_factory=dict)
     """Template id -> relative weight within its family (absent: 1). Unweighted families keep
     the plain uniform draw, so adding a weight changes no other split's samples."""
@@ -89,12 +87,10 @@ _TRAIN_FAMILIES = {"direct": 0.14, "attribute": 0.2, "spatial": 0.2, "indirect":
                    "no_target": 0.12}
 NO_TARGET_RELATION_MIX = ({"direct": 0.13, "attribute": 0.19, "spatial": 0.19, "indirect": 0.21, "multi": 0.12,
                            "no_target": 0.16}, {"no_target/shape_rel": 2.0})
-"""(family_weights, template_weights) of a training mix measured against the default (not
-adopted): 'the shape {R} the {C} {S}' with nothing there at 8% of training samples instead of
-4%. On the default mix every `multi` N-acc miss of the demo was that template (the policy named
-a present object for 19 of 22; other no-target templates 39 of 39 right). With this mix the
-demo's N-acc rose 68.9 -> 88.5 but testA fell 81.5 -> 70.5 and multi 66.7 -> 62.4 gIoU, the
-masks being worse even where the reasoning was right (README)."""
+"""(family_weights, template_weights) of a training mix tried against the default and not
+adopted: 'the shape {R} the {C} {S}' with nothing there at 8% of training samples instead of
+4%. It fixed the absence decision but made the masks worse, even where the reasoning was
+right; the `train_absence` split uses it for a short last phase instead (docs/results.md)."""
 _SINGLE_FAMILIES = {"direct": 0.2, "attribute": 0.25, "spatial": 0.25, "indirect": 0.3}
 
 SPLITS: dict[str, SplitSpec] = {
@@ -198,8 +194,7 @@ LATTICE = 16
 """Object centres sit on the centres of a LATTICE-pixel grid (± LATTICE_JITTER): the 8×8 patch
 grid of the tiny policy's vision tower (128 px / 16, or 64 px / 8). A from-scratch tiny ViT
 then sees each (shape, size) as nearly the same pixel pattern in its patches and learns shapes
-in minutes; at free positions it stays at chance for thousands of steps (measured: a probe on
-its patch features, 300 steps × 32 images, shape accuracy 17-30 % vs 17 % chance)."""
+in minutes; at free positions it stays near chance for thousands of steps (docs/results.md)."""
 LATTICE_JITTER = 2
 """Pixels of random offset around a lattice point (so no two scenes align perfectly)."""
 

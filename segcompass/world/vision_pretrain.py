@@ -2,23 +2,19 @@
 
 LLaVA-1.5 starts from a CLIP vision tower pretrained on 400M image-text pairs; the tiny
 twin starts from random weights. Trained only through the language loss, its image tokens
-stay blurry (measured: shape and size of the object under a patch read correctly for
-~40% of foreground patches after 400 joint steps, and the chain of thought then names the
-right object for ~30% of single-target samples). So, as the CLIP analogue, the vision tower
-is first trained alone to classify, for every patch, the colour, shape and size of the
-object covering it (or background), and the patch's own row and column, with one linear
-head per field on the features LLaVA reads (penultimate layer, CLS dropped).
+stay blurry and the chain of thought names the wrong object (docs/results.md, "Stage 0").
+So, as the CLIP analogue, the vision tower is first trained alone to classify, for every
+patch, the colour, shape and size of the object covering it (or background), and the
+patch's own row and column, with one linear head per field on the features LLaVA reads
+(penultimate layer, CLS dropped).
 
 Why row and column: the LLM sees image tokens as a 1-D sequence, so where a patch lies
 must be in its features. Trained on content alone, the tower's learned position embeddings
-were washed out: a linear probe read a patch's row / column third from the LLM's image
-tokens for 41% / 35% of patches (chance 33%), the policy stated a named object's position
-correctly for 19% of `direct` samples, and spatial references were near chance. With the
-row/column heads: 100% / 100% from the tower, 56% positions stated right, spatial 17 -> 39%.
+wash out, and the policy cannot say where an object is nor resolve spatial references.
 
-This is fast: 64 tokens through a 64-wide ViT and no LLM (~0.05 s per step of 32 images on
-2 cores). The heads are training machinery and are discarded; the tower is then frozen (or
-slowed) while the LLM learns to read it.
+This is fast: a few dozen tokens through a small ViT and no LLM. The heads are training
+machinery and are discarded; the tower is then frozen (or slowed) while the LLM learns to
+read it.
 """
 
 from __future__ import annotations

@@ -49,41 +49,25 @@ class WarmstartConfig(RunConfig):
     """Teacher-forced warm start of the tiny policy on the embedded world."""
 
     out: Path = free_on_resume(Path("runs/warmstart"))
-    """Output folder (checkpoint, HF model folder, eval.json)."""
+    """Output folder (checkpoint/, model/, eval.json)."""
     n_train: int = 0
-    """Distinct `train` samples, cycled; 0 = steps × batch_size (every sample new)."""
+    """Distinct `train` samples, cycled; 0 = steps × batch_size (all new)."""
     steps: int = 4000
-    """Optimizer steps of the LLM stage (~0.44-0.6 s each on 2 idle cores; ~0.13 s on an H200,
-    where building the batch dominates). Single-target val accuracy is bound by steps: 1200
-    steps (950 stage-0) gave 59.3 / 60.4% (seeds 0 / 1, CPU, val's first 300); 2400 (1500
-    stage-0) 73.9 / 75.4% (H200); 3200 80.0% and 4000 89.9% (CPU, seed 0, val's first 1000;
-    indirect 73 -> 98%, spatial 70 -> 75%); 4000 86.8% (seed 1). On 2 cores the 4000-step run took 42 min with stage 0
-    (a 3200-step one 26-31 min), not the 10 the data issue asks for; --steps 1200
-    --vision-steps 950 is the 13-minute recipe."""
+    """Optimizer steps of the LLM stage."""
     batch_size: int = 32
     """Samples per step."""
     caption_fraction: float = 0.25
-    """Share of each batch trained on the caption task (every object named) instead of the policy task."""
+    """Batch share of the caption task (name every object)."""
     patch_loss_weight: float = 1.0
-    """Weight of the auxiliary perception loss: each image token's input embedding is scored
-    against the word embeddings of the colour, shape, size and position of what lies under
-    its patch (`segcompass.world.probes`; training only, not part of the saved policy).
-    0 = pure teacher forcing."""
+    """Weight of the image tokens' word probe (training only); 0 = off."""
     slot_loss_weight: float = 1.0
-    """Weight of the concentration-token probe: each <REF_POS>'s last-layer state (the slot
-    embedding e_k the head reads) is scored against the colour and shape words of the target
-    it stands for, or 'none' (`segcompass.world.probes.build_slot_probe`; training only). 0 = off."""
+    """Weight of the <REF_POS> states' target probe (training only); 0 = off."""
     word_separation_weight: float = 1.0
-    """Weight of the word-separation term (`word_probe.word_separation_loss`): keeps the
-    embeddings of distinct world words below `word_separation_margin` cosine similarity,
-    so tied embeddings cannot collapse words the policy must tell apart. 0 = off. Measured
-    at 600 steps (rope 1e6, K-slot prompt mixed into train): single-target val 37.2% without,
-    46.9% with (cos(above, below) 0.97 -> 0.31); untying the head instead gave 42.0%."""
+    """Weight of the term keeping world words' tied embeddings apart; 0 = off."""
     word_separation_margin: float = 0.3
-    """Cosine similarity above which two world words' embeddings are pushed apart. Measured at
-    1400 steps: single-target val 66.4% at 0.3, 53.5% at 0.1 (one seed each)."""
+    """Cosine similarity above which word embeddings are pushed apart."""
     lr: float = 2e-3
-    """Peak learning rate (AdamW), after linear warm-up, cosine decay to 10%."""
+    """Peak AdamW learning rate (linear warm-up, cosine decay to 10%)."""
     warmup_steps: int = 60
     """Linear warm-up steps."""
     weight_decay: float = 0.01
@@ -91,74 +75,49 @@ class WarmstartConfig(RunConfig):
     grad_clip: float = 1.0
     """Global gradient-norm clip."""
     image_size: int = 64
-    """Side of the image the vision tower sees (world images are 128, resized by the processor)."""
+    """Image side the vision tower sees."""
     patch_size: int = 8
-    """Vision patch side: (image_size / patch_size)² image tokens."""
+    """Vision patch side."""
     hidden_size: int = 128
-    """Language model width (the residual stream an SAE later reads)."""
+    """Language model width."""
     n_layers: int = 4
     """Language model decoder blocks."""
     n_heads: int = 4
     """Language model attention heads."""
     intermediate_size: int = 0
-    """Language model MLP width; 0 = 2 × hidden_size. Half Llama's 4× ratio: at hidden 128 it gave
-    the same val accuracy after 500 steps (46.9% vs 45.6% single-target) at ~30% less time per step."""
+    """Language model MLP width; 0 = 2 × hidden_size (faster than 4×)."""
     rope_theta: float = 1e6
-    """Rotary base of the language model (Vicuna-1.5: 10000; Llama 3: 500000). Image tokens sit
-    up to ~150 positions before the words that read them, and at base 10000 only the slowest
-    half of a 32-wide head's rotary pairs turn little enough over that span to match by
-    content. Measured at 600 steps: single-target val 49.1% (10000) vs 52.2% (1e6)."""
+    """Rotary base; large, so words match image tokens far back by content."""
     vision_hidden_size: int = 128
-    """Vision tower width. Measured after 1200 stage-0 steps (foreground patches, 256 val images):
-    shape / size read 78.2 / 89.2% at 64, 94.6 / 95.7% at 96, 96.5 / 97.7% at 128 (~0.13 s per
-    step at 128 vs ~0.11 at 64, most of it rendering the world); a fourth layer at 64 gave 84.2%."""
+    """Vision tower width (narrower reads shape worse)."""
     vision_layers: int = 3
-    """Vision tower blocks; LLaVA reads the second-to-last one, so 3 gives 2 effective blocks."""
+    """Vision tower blocks; LLaVA reads the second-to-last, so 3 gives 2 effective."""
     vision_steps: int = 1500
-    """Stage 0 (`segcompass.world.vision_pretrain`): steps of per-patch colour/shape/size training of
-    the vision tower alone before the LLM stage (~0.13 s each at width 128, half of it rendering
-    the world); 0 = skip (the tower then learns from the LLM loss). At 1200 LLM steps, 1200
-    stage-0 steps gave 69.9% single-target against 59.3% for 950 (seed 0)."""
+    """Stage 0: steps training the vision tower alone on what each patch shows; 0 = skip."""
     vision_lr: float = 2e-3
-    """Peak learning rate of stage 0 (AdamW, one-cycle)."""
+    """Peak learning rate of stage 0."""
     vision_position_weight: float = 1.0
-    """Weight of stage 0's patch row/column loss (`vision_pretrain.POSITION_FIELDS`): keeps where
-    a patch lies readable from its features, which spatial references need. 0 = content only."""
+    """Weight of stage 0's patch-position loss (spatial words); 0 = off."""
     vision_centre_weight: float = 0.25
-    """Weight of stage 0's object-centre loss (`vision_pretrain.CENTRE_FIELDS`): each object
-    patch also classifies the grid row and column of its object's centre, so every patch of
-    an object says where the object is. 0 = off. Measured (1200 steps, tower width 96): centre
-    cell 99.2% at 0.25 with shape 94.6 -> 91.1%; at 1.0 shape fell to 62%."""
+    """Weight of stage 0's loss on each patch's object centre; 0 = off."""
     probe_object_position: bool = True
-    """The word probe's row/column words for an object patch are those of the object's
-    position (the words the chain of thought writes) rather than of the patch's own third
-    (`word_probe.patch_targets`)."""
+    """Probe object patches with their object's position words."""
     freeze_vision: bool = True
-    """Freeze the vision tower after stage 0 (the LLM stage trains projector and LLM only)."""
+    """Freeze the vision tower after stage 0 (then only projector and LLM train)."""
     tie_embeddings: bool = True
-    """Share the LLM's input embeddings and output head (saved in the config, so it survives
-    `from_pretrained`): a word the policy reads off an image token is then a word it can write."""
+    """Tie input embeddings and output head (read words = written words)."""
     split: str = "train"
-    """World split the LLM stage draws its samples from. `train_absence` is `train` with the
-    no-target relation case ('the shape {R} the {C} {S}', nothing there) at 8% instead of 4%,
-    for a short last phase on top of a finished warm start (`init_from`)."""
+    """World split of the LLM stage (`train_absence`: a last phase from `init_from`)."""
     init_from: Path | None = None
-    """A finished warm start's output folder: continue from its policy and probes (its
-    checkpoint/) with a fresh optimizer and schedule, skipping stage 0 (the vision tower stays
-    as it was, frozen). Its architecture settings must equal these."""
+    """A finished warm start's folder to continue from (fresh optimizer, no stage 0)."""
     quick: bool = free_on_resume(False)
-    """Short run for CI and demos (see QUICK_OVERRIDES); the saved cfg.json shows what ran."""
+    """Short run for CI and demos."""
     eval_samples: int = free_on_resume(1000)
-    """`val` samples decoded greedily at the end (~1 min for 1000 on 2 cores). 300 were too few
-    to judge an 80% bar by: the 3200-step warm start named the right target for 77.9% of the
-    single-target samples among val's first 300 (seed 1), 85.0% among another 300 (seed 2) and
-    80.0% among the first 1000 (binomial standard error ~2.7 points at 226 single-target
-    samples, ~1.5 at 750)."""
+    """`val` samples decoded at the end."""
     checkpoint_every: int = free_on_resume(200)
     """Save a resumable checkpoint every this many steps (and at the end)."""
     data_workers: int = free_on_resume(-1)
-    """Processes that build the next steps' batches while one trains (`segcompass.world.prefetch`);
-    -1 = auto (4 on CUDA, else 0). Same batches, same result, any number."""
+    """Processes building the next batches (same result); -1 = auto (4 on CUDA, else 0)."""
 
     def __post_init__(self) -> None:
         if min(self.vision_steps, self.vision_position_weight, self.vision_centre_weight) < 0 or self.vision_lr <= 0:

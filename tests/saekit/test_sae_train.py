@@ -194,4 +194,5 @@ def test_help_documents_every_config_field(capsys):
     docs = field_docstrings(SAETrainConfig)
     for name in SAETrainConfig.__dataclass_fields__:
         assert docs.get(name), name
-        assert "--" + name.replace("_", "-") in text, name
+        flag = name.replace("_", "-")
+        assert f"--{flag}" in text or f"--[no-]{flag}" in text, name
