@@ -64,6 +64,8 @@ class TrainConfig(RunConfig):
     """Slot-mapper key kernel (odd); 0 = the preset's."""
     policy_image_keys: Literal["preset", "on", "off"] = "preset"
     """Slot-mapper keys also read the policy's image tokens."""
+    head_routing: Literal["preset", "paper", "concepts"] = "preset"
+    """Slot mapper reads raw states ('paper') or SAE atoms only ('concepts'); 'preset' = the preset's."""
     steps: int = 900
     """Optimizer steps."""
     batch_size: int = 16
@@ -150,7 +152,8 @@ class TrainConfig(RunConfig):
         return SegCompassConfig(policy_preset=self.policy_preset, sae_layer=self.sae_layer,
                                 head_preset=self.head_preset, sam_preset=self.sam_preset,
                                 train_sam_encoder=self.sam_path is None, key_kernel=self.key_kernel,
-                                policy_image_keys=self.policy_image_keys)
+                                policy_image_keys=self.policy_image_keys,
+                                head_routing=self.head_routing)
 
     def loss_config(self) -> SegLossConfig:
         return SegLossConfig(seg_weight=self.seg_weight, conf_weight=self.conf_weight,
