@@ -2,9 +2,12 @@
 
 Concepts of a token:
   image tokens  the attributes of every object whose pixels fall in the token's patch
-                ('image:colour=red', 'image:shape=circle', 'image:size=large'), or
-                'image:background' when no object does (more than `min_fraction` of the
-                patch, 0 = any pixel);
+                ('image:colour=red', 'image:shape=circle', 'image:size=large', and its place
+                in the image: 'image:row=top', 'image:column=left', the 3x3 cell of its centre
+                from the world's render metadata), or 'image:background' when no object does
+                (more than `min_fraction` of the patch, 0 = any pixel); and, object or not, the
+                token's own place on the grid ('image:token_row=top', 'image:token_column=left':
+                the third of the grid holding the patch centre);
   text tokens   the concept word the token itself spells ('text:red', 'text:circle'
                 (plurals fold to the singular), 'text:large', 'text:left', 'text:above',
                 'text:largest', 'text:top' ...); other words have no concept;
@@ -17,6 +20,13 @@ concept c: precision = P(c | a active), recall = P(a active | c), F1 their harmo
 all over the tokens given. The atom's name is its best-F1 concept; it is confident when
 that F1 >= f1_threshold. Text concepts match whole tokens: with a subword tokenizer
 (the 7B models) a word split into pieces ('▁tri', 'angle') gets no concept.
+
+Groups of atoms (`name_concept_groups`): a wide SAE spreads one concept over several atoms,
+each recalling part of it, so no single atom reaches the threshold. Per concept, atoms are
+added greedily (up to `max_atoms`, each the one whose addition gives the largest F1 of the
+group's union, "any of them active"), while the F1 rises by at least `min_gain`; the first
+pick is the best single atom, and a concept it already names (F1 >= f1_threshold) keeps it
+alone. The result names the group, its F1 and that it is a group.
 """
 
 from __future__ import annotations
@@ -62,9 +72,19 @@ class SceneObject(NamedTuple):
 
 
 def world_scene_objects(sample) -> list[SceneObject]:
-    """The objects of a `segcompass.world.scenes.WorldSample` with their colour, shape and size."""
-    return [SceneObject(o.mask, (f"image:colour={o.colour}", f"image:shape={o.shape}", f"image:size={o.size}"))
-            for o in sample.objects]
+    """The objects of a `segcompass.world.scenes.WorldSample` with their colour, shape, size and
+    position (the row and column of the 3x3 cell holding the object's centre)."""
+    out = []
+    for o in sample.objects:
+        row, column = o.position.split()  # 'top left'
+        out.append(SceneObject(o.mask, (f"image:colour={o.colour}", f"image:shape={o.shape}", f"image:size={o.size}",
+                                        f"image:row={row}", f"image:column={column}")))
+    return out
+
+
+def token_place(index: int, cells: int) -> int:
+    """Which third (0, 1, 2) of `cells` grid cells holds the centre of cell `index`."""
+    return min(int(3 * (index + 0.5) / cells), 2)
 
 
 def normalise_token(token: str) -> str:
@@ -73,12 +93,13 @@ def normalise_token(token: str) -> str:
 
 
 def token_concepts(token_types, image_grid, token_sample_index, token_strings: Sequence[str],
-                   scenes: Sequence[Sequence[SceneObject]], grid_shape, *, min_fraction: float = 0.0
-                   ) -> list[tuple[str, ...]]:
+                   scenes: Sequence[Sequence[SceneObject]], grid_shape, *, min_fraction: float = 0.0,
+                   token_position: bool = True) -> list[tuple[str, ...]]:
     """The concepts of each of N tokens (see the module docstring).
 
     token_strings (N,) the tokens as the tokenizer spells them (`convert_ids_to_tokens`);
-    scenes[b] the objects of sample b; grid_shape (rows, cols), shared or per sample.
+    scenes[b] the objects of sample b; grid_shape (rows, cols), shared or per sample;
+    token_position adds each image token's own place on the grid.
     """
     types, grid = as_numpy(token_types).astype(np.int64), as_numpy(image_grid).astype(np.int64)
     samples = as_numpy(token_sample_index).astype(np.int64)
@@ -93,7 +114,9 @@ def token_concepts(token_types, image_grid, token_sample_index, token_strings: S
                  for obj in scenes[sample]]  # per object: (n_image,) bool
         for i, t in enumerate(rows):
             names = sorted({c for obj, hit in zip(scenes[sample], under) if hit[i] for c in obj.concepts})
-            out[t] = tuple(names) or (BACKGROUND,)
+            place = (f"image:token_row={ROWS[token_place(grid[t, 0], shape[0])]}",
+                     f"image:token_column={COLUMNS[token_place(grid[t, 1], shape[1])]}") if token_position else ()
+            out[t] = tuple(sorted([*(names or [BACKGROUND]), *place]))
     return out
 
 
@@ -117,6 +140,22 @@ def _best(co: np.ndarray, atom_count: np.ndarray, concept_count: np.ndarray):
     return best, precision[pick, best], recall[pick, best], f1[pick, best]
 
 
+def fired_matrix(codes: SparseCodes, activation_threshold: float = 0.0) -> scipy.sparse.csr_matrix:
+    """(N, d_sae) float 0/1 sparse "atom active (|h| > threshold) at token"."""
+    active = (codes.values.detach().abs() > activation_threshold).cpu().numpy()
+    rows, atoms = codes.row_ids().cpu().numpy()[active], codes.indices.cpu().numpy()[active]
+    # duplicates cannot occur (CSR rows are unique)
+    return scipy.sparse.csr_matrix((np.ones(len(rows)), (rows, atoms)), shape=(codes.n_tokens, codes.d_sae))
+
+
+def _check_concepts(codes: SparseCodes, concept_names: Sequence[str], has_concept: np.ndarray) -> None:
+    if not len(concept_names):
+        raise ValueError("no concepts to name atoms by: no token carries a concept")
+    if has_concept.shape != (codes.n_tokens, len(concept_names)):
+        raise ValueError(f"concept matrix {has_concept.shape} does not match {codes.n_tokens} tokens "
+                         f"x {len(concept_names)} concepts")
+
+
 def name_atoms(codes: SparseCodes, concept_names: Sequence[str], has_concept: np.ndarray, *,
                min_count: int = 20, f1_threshold: float = 0.5, activation_threshold: float = 0.0
                ) -> pd.DataFrame:
@@ -126,15 +165,8 @@ def name_atoms(codes: SparseCodes, concept_names: Sequence[str], has_concept: np
     unless confident), best_concept, precision, recall, f1, count, confident; sorted by
     descending F1.
     """
-    if not len(concept_names):
-        raise ValueError("no concepts to name atoms by: no token carries a concept")
-    if has_concept.shape != (codes.n_tokens, len(concept_names)):
-        raise ValueError(f"concept matrix {has_concept.shape} does not match {codes.n_tokens} tokens "
-                         f"x {len(concept_names)} concepts")
-    active = (codes.values.detach().abs() > activation_threshold).cpu().numpy()
-    rows, atoms = codes.row_ids().cpu().numpy()[active], codes.indices.cpu().numpy()[active]
-    # (N, d_sae) binary "atom active at token"; duplicates cannot occur (CSR rows are unique).
-    fired = scipy.sparse.csr_matrix((np.ones(len(rows)), (rows, atoms)), shape=(codes.n_tokens, codes.d_sae))
+    _check_concepts(codes, concept_names, has_concept)
+    fired = fired_matrix(codes, activation_threshold)
     atom_count = np.asarray(fired.sum(axis=0)).ravel()  # (d_sae,)
     frequent = np.flatnonzero(atom_count >= min_count)
     co = np.asarray((fired[:, frequent].T @ has_concept.astype(np.float64)))  # (A, C) co-occurrence counts
@@ -166,6 +198,105 @@ def name_atoms_reference(codes: SparseCodes, concept_names: Sequence[str], has_c
     return out
 
 
+class ConceptGroup(NamedTuple):
+    """The atoms chosen for one concept (`greedy_group`)."""
+
+    atoms: tuple[int, ...]
+    """Atom indices in the order they were added (the first is the best single atom)."""
+    f1: float
+    """F1 of the union ("any of the atoms active") for the concept."""
+    precision: float
+    recall: float
+    single_f1: float
+    """F1 of the first atom alone."""
+
+
+def greedy_group(fired_t: scipy.sparse.csr_matrix, positives: np.ndarray, *, max_atoms: int = 3,
+                 stop_at: float = 1.0, min_gain: float = 0.01) -> ConceptGroup | None:
+    """Greedy union of up to `max_atoms` columns maximising F1 for one concept.
+
+    fired_t (A, N) 0/1 sparse: candidate atoms x tokens; positives (N,) bool: the concept's
+    tokens. An atom is added when it raises the union's F1 by >= min_gain; the search stops
+    once the F1 reaches `stop_at`. Candidate indices are rows of fired_t. None when no
+    candidate fires on a positive token.
+    """
+    positives = np.asarray(positives, dtype=bool)
+    if fired_t.shape[0] == 0:  # no candidate atom
+        return None
+    n_pos = int(positives.sum())
+    covered = np.zeros(len(positives), dtype=bool)
+    chosen: list[int] = []
+    tp = predicted = 0
+    best = single = 0.0
+    for _ in range(max_atoms):
+        rest = (~covered).astype(np.float64)
+        new_pred = fired_t @ rest  # (A,) tokens each atom adds to the union
+        new_tp = fired_t @ (rest * positives)  # (A,) concept tokens among them
+        f1 = 2 * (tp + new_tp) / np.maximum(predicted + new_pred + n_pos, 1)
+        f1[chosen] = -1.0
+        a = int(np.argmax(f1))
+        if f1[a] <= 0 or (chosen and f1[a] - best < max(min_gain, 1e-12)):  # an atom must raise the F1
+            break
+        chosen.append(a)
+        tp, predicted, best = tp + new_tp[a], predicted + new_pred[a], float(f1[a])
+        covered[fired_t[a].indices] = True
+        single = single or best  # the first atom's F1
+        if best >= stop_at:
+            break
+    if not chosen:
+        return None
+    return ConceptGroup(tuple(chosen), best, tp / max(predicted, 1), tp / max(n_pos, 1), single)
+
+
+def name_concept_groups(codes: SparseCodes, concept_names: Sequence[str], has_concept: np.ndarray, *,
+                        max_atoms: int = 3, min_count: int = 20, f1_threshold: float = 0.5,
+                        activation_threshold: float = 0.0, min_gain: float = 0.01) -> pd.DataFrame:
+    """Per concept, the atom (or group of up to `max_atoms` atoms) that best recalls it (module docstring).
+
+    Candidates are the atoms active on >= min_count tokens. Returns one row per concept that
+    some candidate fires on: concept, atoms (space-separated, in the order added), n_atoms,
+    is_group (n_atoms > 1), precision, recall, f1, single_atom, single_f1 (the best single
+    atom), confident (f1 >= f1_threshold); sorted by descending F1.
+    """
+    _check_concepts(codes, concept_names, has_concept)
+    if max_atoms < 1:
+        raise ValueError(f"max_atoms must be >= 1, got {max_atoms}")
+    fired = fired_matrix(codes, activation_threshold)
+    frequent = np.flatnonzero(np.asarray(fired.sum(axis=0)).ravel() >= min_count)
+    fired_t = fired[:, frequent].T.tocsr()  # (A, N)
+    records = []
+    for c, concept in enumerate(concept_names):
+        group = greedy_group(fired_t, has_concept[:, c], max_atoms=max_atoms, stop_at=f1_threshold,
+                             min_gain=min_gain)
+        if group is None:
+            continue
+        atoms = frequent[list(group.atoms)]
+        records.append({"concept": concept, "atoms": " ".join(str(int(a)) for a in atoms), "n_atoms": len(atoms),
+                        "is_group": len(atoms) > 1, "precision": group.precision, "recall": group.recall,
+                        "f1": group.f1, "single_atom": int(atoms[0]), "single_f1": group.single_f1,
+                        "confident": group.f1 >= f1_threshold})
+    columns = ["concept", "atoms", "n_atoms", "is_group", "precision", "recall", "f1", "single_atom", "single_f1",
+               "confident"]
+    table = pd.DataFrame.from_records(records, columns=columns)
+    return table.sort_values(["f1", "concept"], ascending=[False, True], ignore_index=True)
+
+
+def union_f1_reference(codes: SparseCodes, has_concept_column: np.ndarray, atoms: Sequence[int], *,
+                       activation_threshold: float = 0.0) -> float:
+    """Dense definition: F1 of "any of `atoms` active" for one concept column (parity tests)."""
+    dense = codes.to_dense().abs().cpu().numpy() > activation_threshold  # (N, d_sae)
+    union = dense[:, list(atoms)].any(axis=1)
+    both = (union & has_concept_column).sum()
+    return float(2 * both / (union.sum() + has_concept_column.sum())) if both else 0.0
+
+
+def group_labels(groups: pd.DataFrame) -> dict[str, str]:
+    """concept -> 'red (image colour): group of atoms #12 + #40, F1 0.81' for confident groups."""
+    named = groups[groups.confident & groups.is_group]
+    return {c: f"{concept_label(c)}: group of atoms {' + '.join('#' + a for a in atoms.split())}, F1 {f:.2f}"
+            for c, atoms, f in zip(named.concept, named.atoms, named.f1)}
+
+
 class NamingCoverage(NamedTuple):
     n_atoms: int
     """Atoms used by the codebook (the denominator)."""
@@ -191,7 +322,7 @@ def concept_label(concept: str) -> str:
         return "background (image)"
     if concept.startswith("image:"):
         kind, _, value = concept.removeprefix("image:").partition("=")
-        return f"{value} (image {kind})"
+        return f"{value} (image {kind.replace('_', ' ')})"
     if concept.startswith("text:"):
         return f'"{concept.removeprefix("text:")}" (text)'
     return concept

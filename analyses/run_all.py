@@ -1,22 +1,32 @@
 """Every interpretability analysis on one trained checkpoint: PNG + CSV/JSON each, and summary.json.
 
-    figure4_activation_patterns   active atoms per token by group over τ (Figure 4)
-    figure5_instance_coverage     instance coverage of the top-K% image tokens vs random (Figure 5)
-    figure8_correlation           training SAE MSE vs Dice (from <run>/metrics.jsonl) and test-time
-                                  heatmap IoU vs mask IoU per instance (Figure 8)
+    figure4_activation_patterns   active atoms per token by group over τ, and the referred instance
+                                  against the other instances and the background of the same image
+                                  (+ figure4_activation_patterns_paired.csv) (Figure 4)
+    figure5_instance_coverage     coverage of the referred instances by the top-K% image tokens vs the
+                                  other instances of the same images and random K% (Figure 5)
+    figure8_correlation           training SAE MSE vs Dice with the step held fixed (from
+                                  <run>/metrics.jsonl), and the test heatmaps on the referred vs the
+                                  other objects of each image (Figure 8; the paper's heatmap-vs-mask
+                                  panel holds by construction and is not drawn)
     faithfulness                  deletion / insertion of each sample's top slot's provenance atoms
                                   vs random active atoms, mask IoU (+ faithfulness_curves.csv)
     faithfulness_heatmap          the same scored on the slot's heatmap (the concept pathway's own
                                   output, before the mask decoder): tells a pathway the masks ignore
                                   from one that carries nothing
-    concept_naming                atoms named by world concepts: names.csv (the naming table,
-                                  `analyses.concept_naming.load_atom_labels` reads it) and
-                                  atom_names.json ({"atom": "label"}, `segcompass predict --atom-names`)
+    concept_naming                atoms named by world concepts (attributes and positions): names.csv
+                                  (the naming table, `analyses.concept_naming.load_atom_labels` reads
+                                  it), atom_names.json ({"atom": "label"}, `segcompass predict
+                                  --atom-names`) and concept_naming_groups.csv (per concept, the atom
+                                  or small group of atoms whose union names it)
     summary.json                  the acceptance numbers, each analysis's summary, the files
 
 All analyses read one `analyses.collect.Collected` (the first n samples of a world split,
-teacher-forced by default). The checkpoint folder is `<run>/final`; its training log is
-`<run>/metrics.jsonl` when the run folder has one.
+teacher-forced by default). Image tokens precede the instruction, so under causal attention
+their codes cannot depend on which object is referred: Figures 4 and 5 compare the referred
+instance with the other instances of the same image (`activation_patterns.CAVEAT`). The
+checkpoint folder is `<run>/final`; its training log is `<run>/metrics.jsonl` when the run
+folder has one.
 
 Which slot is a sample's "top slot" (faithfulness): slots are matched to the targets by
 Hungarian matching on the masks' soft IoU (as in training), and the matched pair with the
@@ -51,6 +61,7 @@ from saekit.errors import UserError
 
 SUMMARY_FILE = "summary.json"
 NAMES_FILE = "names.csv"
+GROUPS_FILE = "concept_naming_groups.csv"
 ATOM_NAMES_FILE = "atom_names.json"
 TRAINING_KEYS: tuple[tuple[str, str], ...] = (("sae_mse", "mask_dice"), ("sae_mse", "seg/mask_dice"))
 """(x, y) key pairs tried, in order, in the training log (`segcompass.training.supervised` writes the first;
@@ -91,6 +102,8 @@ class AnalysesConfig:
     """Concept naming: atoms active on fewer tokens are not judged."""
     naming_f1: float = 0.5
     """Concept naming: a name is confident when its F1 is at least this."""
+    naming_group_size: int = 3
+    """Concept naming: most atoms in a group that names one concept (1: single atoms only)."""
     seed_random: int = 0
     """Seed of the random baselines (coverage ties, random atom rankings)."""
     readout_n: int = 400
@@ -102,7 +115,7 @@ class AnalysesConfig:
 
         if self.split not in SPLITS:
             raise UserError(f"analyses: unknown split {self.split!r}; choose one of {', '.join(SPLITS)}")
-        for name in ("n", "batch_size", "faith_draws", "faith_items", "naming_min_count"):
+        for name in ("n", "batch_size", "faith_draws", "faith_items", "naming_min_count", "naming_group_size"):
             if getattr(self, name) < 1:
                 raise UserError(f"analyses: --{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
         if 10 not in self.k_percents:
@@ -137,37 +150,76 @@ def figure4_thresholds(threshold: float) -> tuple[float, ...]:
     return tuple(sorted({round(f * threshold, 6) for f in TAU_FRACTIONS}))
 
 
+def other_object_masks(c: Collected) -> list[list[np.ndarray]]:
+    """Per sample, the visible masks of the objects it does not refer to (the policy's frame)."""
+    return [[m for i, m in enumerate(masks) if i not in s.targets] for masks, s in zip(c.scene_masks, c.samples)]
+
+
+PAIRED_COMPARISONS: dict[str, tuple[str, str]] = {
+    "referred_vs_other_instances": ("referred - other instances", "other_instance_image"),
+    "referred_vs_background": ("referred - background", "background_image")}
+"""Figure 4's within-image comparisons of the referred instance: summary key -> (legend, baseline group)."""
+
+
+def _paired_summary(rows: pd.DataFrame) -> dict[str, Any]:
+    """A `paired_difference` table as JSON: per-τ lists, extremes, and whether mean - 2 s.e.m. > 0 at every τ."""
+    mean, sem = rows.mean_difference.to_numpy(), rows["sem"].to_numpy()
+    return {"mean_by_tau": mean.round(6).tolist(), "sem_by_tau": sem.round(6).tolist(),
+            "fraction_positive_by_tau": rows.fraction_positive.round(4).tolist(),
+            "n_images": int(rows.n_images.iloc[0]),
+            "min_over_tau": float(np.min(mean)), "max_over_tau": float(np.max(mean)),
+            "above_zero_beyond_2sem_every_tau": bool(np.all(mean - 2 * sem > 0))}
+
+
 def activation_patterns(c: Collected, thresholds: tuple[float, ...] | None = None) -> AnalysisOutput:
-    """Figure 4 on every SAE token of the collected samples (instance = overlaps a target)."""
+    """Figure 4 on every SAE token of the collected samples: the pooled groups, and the referred
+    instance against the other instances (the control) and the background, within each image."""
     thresholds = thresholds or figure4_thresholds(c.threshold)
-    groups = fig4.token_groups(c.token_types, c.image_grid, c.token_sample_index, c.image_masks, c.grid_shapes)
+    groups = fig4.token_groups(c.token_types, c.image_grid, c.token_sample_index, c.image_masks, c.grid_shapes,
+                               other_masks=other_object_masks(c))
     table = fig4.active_atoms_by_group(c.codes, groups, thresholds)
     wide = table.pivot(index="tau", columns="group", values="mean")
-    margins = {g: fig4.min_margin(table, g, "background_image") for g in ("instance_image", "cot", "question")}
-    summary = {"thresholds": list(thresholds),
+    margins = {g: fig4.min_margin(table, g, "background_image")
+               for g in ("instance_image", "cot", "question", "other_instance_image")}
+    paired = {key: fig4.paired_difference(c.codes, groups, c.token_sample_index, thresholds, baseline=baseline)
+              for key, (_, baseline) in PAIRED_COMPARISONS.items()}
+    summary = {"caveat": fig4.CAVEAT, "thresholds": list(thresholds),
                "n_tokens": {g: int(table[table.group == g].n_tokens.iloc[0]) for g in fig4.GROUPS},
                "min_margin_vs_background": margins,
                "margin_by_tau": {g: (wide[g] - wide["background_image"]).round(6).tolist() for g in margins},
                "instance_above_background_every_tau": bool(margins["instance_image"] > 0),
-               "cot_above_background_every_tau": bool(margins["cot"] > 0)}
+               "cot_above_background_every_tau": bool(margins["cot"] > 0),
+               **{key: _paired_summary(rows) for key, rows in paired.items()}}
     title = f"Active SAE atoms per token (Figure 4), {len(c.samples)} {c.samples[0].split} samples"
-    return AnalysisOutput(table, fig4.plot_active_atoms(table, title=title), summary)
+    figure = fig4.plot_active_atoms(table, {PAIRED_COMPARISONS[k][0]: rows for k, rows in paired.items()}, title=title)
+    paired_table = pd.concat([rows.assign(comparison=key) for key, rows in paired.items()], ignore_index=True)
+    return AnalysisOutput(table, figure, summary, {"figure4_activation_patterns_paired.csv": paired_table})
 
 
 # ---------------------------------------------------------------- Figure 5
 
 def instance_coverage(c: Collected, k_percents=fig5.DEFAULT_K_PERCENTS, *, magnitude: str = "l2",
                       seed: int = 0) -> AnalysisOutput:
-    """Figure 5 over every target instance of the collected samples."""
+    """Figure 5 over every target instance of the collected samples, against the other objects of
+    the same images (the control) and random K%."""
     table = fig5.coverage_curve(c.codes, c.token_types, c.image_grid, c.token_sample_index, c.image_masks,
-                                c.grid_shapes, k_percents, magnitude=magnitude, seed=seed)
+                                c.grid_shapes, k_percents, other_masks=other_object_masks(c), magnitude=magnitude,
+                                seed=seed)
     row = table[table.k_percent == 10]
     at10 = row.iloc[0] if len(row) else None
-    ratio = float(at10.ratio) if at10 is not None else float("nan")
-    summary = {"magnitude": magnitude, "n_instances": int(table.n_instances.iloc[0]),
-               "coverage_top10": float(at10.coverage) if at10 is not None else float("nan"),
-               "random_top10": float(at10.random) if at10 is not None else float("nan"),
-               "ratio_top10": ratio, "ratio_top10_at_least_2": bool(ratio >= 2)}
+
+    def top10(column: str) -> float:
+        return float(at10[column]) if at10 is not None else float("nan")
+
+    ratio = top10("ratio")
+    summary = {"caveat": fig4.CAVEAT, "magnitude": magnitude, "n_instances": int(table.n_instances.iloc[0]),
+               "n_other_instances": int(table.n_other_instances.iloc[0]),
+               "n_paired_images": int(table.n_paired_images.iloc[0]),
+               "coverage_top10": top10("coverage"), "random_top10": top10("random"),
+               "ratio_top10": ratio, "ratio_top10_at_least_2": bool(ratio >= 2),
+               "other_coverage_top10": top10("other_coverage"), "ratio_vs_other_top10": top10("ratio_vs_other"),
+               "paired_difference_top10": top10("paired_difference"),
+               "paired_difference_sem_top10": top10("paired_difference_sem")}
     return AnalysisOutput(table, fig5.plot_coverage(table), summary)
 
 
@@ -179,54 +231,86 @@ def training_log(checkpoint: str | Path) -> Path | None:
     return path if path.is_file() else None
 
 
-def training_xy(log: Path | None) -> tuple[np.ndarray, np.ndarray, tuple[str, str]] | str:
-    """(x, y, keys) of the training panel, or why there is none."""
+def training_series(log: Path | None) -> tuple[fig8.TrainingSeries, tuple[str, str]] | str:
+    """(step, x, y) of the training panel and the keys read, or why there is none."""
     if log is None:
         return "no training log (<run>/metrics.jsonl) next to the checkpoint"
     reasons = []
     for keys in TRAINING_KEYS:
         try:
-            x, y = fig8.records_xy(log, *keys)
-            return x, y, keys
+            return fig8.training_series(log, *keys), keys
         except ValueError as err:
             reasons.append(str(err))
     return f"{log}: {reasons[-1]}"
 
 
-def matched_instance_ious(c: Collected) -> fig8.InstanceIoUs:
-    """Heatmap and mask IoU of every target instance with its matched slot, in the head's mask frame."""
-    return fig8.concat_instance_ious([fig8.instance_ious(c.heatmap_probs[b], c.mask_probs[b], c.model_masks[b] > 0.5)
-                                      for b in range(len(c.samples))])
+CIRCULAR_PANEL = ("The paper's right panel (per test instance, heatmap IoU vs mask IoU with the ground truth) is "
+                  "not drawn: the mask decoder takes the heatmap as its dense prompt, so the mask follows the "
+                  "heatmap by construction. It is replaced by the heatmap scored against the ground truth alone: "
+                  "the referred object vs the other objects of the same image, against chance.")
+"""Why Figure 8's right panel changed (summary and figure)."""
+
+
+def object_masks_in_heatmap_frame(c: Collected, sample: int) -> np.ndarray:
+    """(n_objects, m, m) bool every object of a sample in the head's mask frame (SAM's padded square),
+    binarised at 0.5 after the area resize."""
+    from segcompass.postprocess import targets_to_frame
+
+    s = c.samples[sample]
+    masks = torch.from_numpy(np.stack([o.mask for o in s.objects]))  # (n, H, W)
+    # input_size = the longest side: no resize, the same pad to a square as the model's frame, then to m x m
+    return targets_to_frame(masks, input_size=max(s.image.shape[:2]), out_size=c.heatmap_probs.shape[-1]).numpy() > 0.5
+
+
+def referred_comparison(c: Collected) -> fig8.ReferredVsOther:
+    """Each sample's most confident heatmap scored on its referred and its other objects."""
+    return fig8.concat_referred_vs_other([
+        fig8.referred_vs_other(c.heatmap_probs[b], c.confidences[b], object_masks_in_heatmap_frame(c, b),
+                               c.samples[b].targets) for b in range(len(c.samples))])
+
+
+def _training_panel(log: Path | None) -> tuple[dict[str, Any], list[pd.DataFrame], fig8.PartialCorrelation | None,
+                                               tuple[str, str] | None]:
+    """Figure 8's left panel: (summary, table rows, fit or None, keys or None)."""
+    train = training_series(log)
+    if isinstance(train, str):
+        return {"skipped": train}, [], None, None
+    series, keys = train
+    summary: dict[str, Any] = {"log": str(log), "keys": list(keys), "held_fixed": "step (linear, log and hinge terms)"}
+    rows = [pd.DataFrame({"panel": "training", "step": series.step, "x": series.x, "y": series.y})]
+    try:
+        fit = fig8.partial_correlation(series.x, series.y, series.step)
+    except ValueError as err:
+        return {**summary, "skipped": str(err)}, rows, None, keys
+    summary.update(fit.partial.summary(), n_step_terms=fit.n_step_terms, raw=fit.raw.summary())
+    rows.append(pd.DataFrame({"panel": "training_step_held_fixed", "step": fit.step, "x": fit.x_residual,
+                              "y": fit.y_residual}))
+    return summary, rows, fit, keys
 
 
 def correlation(c: Collected, log: Path | None) -> AnalysisOutput:
-    """Figure 8: training SAE MSE vs Dice (when logged) and test heatmap IoU vs mask IoU."""
-    ious = matched_instance_ious(c)
-    train = training_xy(log)
-    panels = {"test": (ious.heatmap_iou, ious.mask_iou, "heatmap IoU (matched slot)", "mask IoU (matched slot)",
-                       f"Test instances ({c.samples[0].split})")}
-    summary: dict[str, Any] = {"test": {"n_unmatched": ious.n_unmatched}}
-    if isinstance(train, str):
-        summary["training"] = {"skipped": train}
-    else:
-        panels = {"training": (train[0], train[1], f"SAE reconstruction MSE ({train[2][0]})",
-                               f"Dice loss ({train[2][1]})", "Training batches"), **panels}
-        summary["training"] = {"log": str(log), "keys": list(train[2])}
-    fits, rows = {}, []
-    for name, (x, y, *_labels) in panels.items():
-        rows.append(pd.DataFrame({"panel": name, "x": x, "y": y}))
-        try:
-            fits[name] = fig8.correlate(x, y)
-            summary[name].update(fits[name].summary())
-        except ValueError as err:
-            summary[name]["skipped"] = str(err)
+    """Figure 8: training SAE MSE vs Dice with the step held fixed (when logged), and the test heatmaps
+    on the referred vs the other objects of each image (`analyses.correlation`)."""
+    train_summary, rows, fit, keys = _training_panel(log)
+    comparison = referred_comparison(c)
+    summary = {"training": train_summary, "referred_vs_other": comparison.summary(), "dropped_panel": CIRCULAR_PANEL}
+    rows.append(pd.DataFrame({"panel": "referred_vs_other", "sample": comparison.sample, "x": comparison.other,
+                              "y": comparison.referred}))
+    n_panels = (fit is not None) + bool(len(comparison.referred))
     figure = None
-    if fits:
-        figure, axes = new_figure(len(fits), width=5.5, height=4.5)
-        for ax, name in zip(axes, fits):
-            x, y, xlabel, ylabel, title = panels[name]
-            fig8.plot_correlation(fits[name], x, y, xlabel=xlabel, ylabel=ylabel, title=title, ax=ax)
-        figure.suptitle("Correlation between modules (Figure 8)")
+    if n_panels:
+        figure, axes = new_figure(n_panels, width=5.5, height=4.8)
+        if fit is not None:
+            fig8.plot_correlation(fit.partial, fit.x_residual, fit.y_residual, ax=axes[0],
+                                  xlabel=f"SAE MSE minus its step trend ({keys[0]})",
+                                  ylabel=f"Dice loss minus its step trend ({keys[1]})",
+                                  title="Training batches, step held fixed",
+                                  note=f"raw r = {fit.raw.pearson_r:.3f} (step not held fixed)")
+        if len(comparison.referred):
+            fig8.plot_referred_vs_other(comparison, ax=axes[-1],
+                                        title=f"Heatmap vs ground truth ({c.samples[0].split} images)")
+        figure.suptitle(fig4.subtitled("Correlation between modules (Figure 8)", CIRCULAR_PANEL, width=70 * n_panels),
+                        fontsize="medium")
     return AnalysisOutput(pd.concat(rows, ignore_index=True), figure, summary)
 
 
@@ -329,8 +413,10 @@ def scene_objects(c: Collected) -> list[list[naming.SceneObject]]:
             for masks, s in zip(c.scene_masks, c.samples)]
 
 
-def concept_naming(c: Collected, *, min_count: int = 20, f1_threshold: float = 0.5) -> AnalysisOutput:
-    """Name atoms active (h > the codebook threshold) on >= min_count tokens; coverage of the codebook's atoms."""
+def concept_naming(c: Collected, *, min_count: int = 20, f1_threshold: float = 0.5,
+                   group_size: int = 3) -> AnalysisOutput:
+    """Name atoms active (h > the codebook threshold) on >= min_count tokens; coverage of the codebook's atoms;
+    per concept, the atom or group of up to `group_size` atoms that names it (concept_naming_groups.csv)."""
     concepts = naming.token_concepts(c.token_types, c.image_grid, c.token_sample_index, c.token_strings,
                                      scene_objects(c), c.grid_shapes)
     names, has_concept = naming.concept_matrix(concepts)
@@ -341,8 +427,14 @@ def concept_naming(c: Collected, *, min_count: int = 20, f1_threshold: float = 0
                if coverage.n_frequent else float("nan"), "min_count": min_count, "f1_threshold": f1_threshold,
                "activation_threshold": c.threshold, "n_concepts": len(names),
                "top_names": table[table.confident].head(10)[["atom", "name", "f1"]].to_dict("records")}
+    groups = naming.name_concept_groups(c.codes, names, has_concept, max_atoms=group_size, min_count=min_count,
+                                        f1_threshold=f1_threshold, activation_threshold=c.threshold)
+    named = groups[groups.confident]
+    summary.update(group_size=group_size, n_concepts_named_by_one_atom=int((~named.is_group).sum()),
+                   n_concepts_named_by_a_group=int(named.is_group.sum()),
+                   named_groups=named[named.is_group][["concept", "atoms", "f1", "single_f1"]].to_dict("records"))
     figure = naming.plot_naming(table, f1_threshold=f1_threshold) if len(table) else None
-    return AnalysisOutput(None, figure, summary, {NAMES_FILE: table})
+    return AnalysisOutput(None, figure, summary, {NAMES_FILE: table, GROUPS_FILE: groups})
 
 
 # ---------------------------------------------------------------- runner
@@ -353,8 +445,12 @@ def acceptance(summaries: dict[str, dict]) -> dict[str, Any]:
     nan = float("nan")
     f4, f5 = summaries["figure4_activation_patterns"], summaries["figure5_instance_coverage"]
     ff, fh, nm = summaries["faithfulness"], summaries["faithfulness_heatmap"], summaries["concept_naming"]
-    margins = f4["min_margin_vs_background"]
-    return {"instance_minus_background_min_over_tau": margins["instance_image"],
+    margins, versus_other = f4["min_margin_vs_background"], f4["referred_vs_other_instances"]
+    return {"image_tokens_caveat": f4["caveat"],
+            "referred_minus_other_instances_min_over_tau": versus_other["min_over_tau"],
+            "referred_above_other_instances_every_tau": versus_other["above_zero_beyond_2sem_every_tau"],
+            "coverage_referred_minus_other_top10": f5["paired_difference_top10"],
+            "instance_minus_background_min_over_tau": margins["instance_image"],
             "cot_minus_background_min_over_tau": margins["cot"],
             "instance_and_cot_above_background_every_tau": bool(f4["instance_above_background_every_tau"]
                                                                 and f4["cot_above_background_every_tau"]),
@@ -423,7 +519,8 @@ def run_analyses(checkpoint: str | Path, out_dir: str | Path, cfg: AnalysesConfi
         "figure5_instance_coverage": lambda: instance_coverage(c, cfg.k_percents, magnitude=cfg.magnitude,
                                                                seed=cfg.seed_random),
         "figure8_correlation": lambda: correlation(c, log),
-        "concept_naming": lambda: concept_naming(c, min_count=cfg.naming_min_count, f1_threshold=cfg.naming_f1),
+        "concept_naming": lambda: concept_naming(c, min_count=cfg.naming_min_count, f1_threshold=cfg.naming_f1,
+                                                 group_size=cfg.naming_group_size),
         "faithfulness": lambda: faithfulness(model, c, metric="mask", **faith_options),
         "faithfulness_heatmap": lambda: faithfulness(model, c, metric="heatmap", **faith_options),
         "slot_readout": lambda: slot_readout_analysis(model, split=cfg.split, n=cfg.readout_n, seed=cfg.seed),

@@ -38,8 +38,16 @@ NOTEBOOKS: dict[str, list[tuple[str, str]]] = {
 
 For every SAE token of the samples (teacher-forced ground-truth chain of thought), the number of
 atoms with activation above τ, averaged per group: question tokens, chain-of-thought tokens, image
-tokens whose patch overlaps a target mask (instance) and the other image tokens (background).
+tokens whose patch overlaps the referred (target) instance, image tokens over the image's other
+objects, and the image tokens over no object (background).
 τ is swept in fractions of the head's own codebook threshold (the SAE's units).
+
+**Caveat.** The image tokens come before the instruction (`USER: <image>\n{prompt}`), so under
+causal attention their codes cannot depend on which object is referred: "referred instance vs
+background" measures how salient objects are, not reference. The control (right panel) compares,
+within each image, the referred instance with the other instances (same image, same code);
+background stays as the secondary reference. Even a referred-vs-other gap can only come from what
+the referred objects are (e.g. "the largest" picks large ones), never from the instruction.
 Functions: `analyses.activation_patterns`, `analyses.run_all.activation_patterns`."""),
         ("parameters", _COMMON_PARAMETERS),
         ("code", _SETUP),
@@ -47,8 +55,11 @@ Functions: `analyses.activation_patterns`, `analyses.run_all.activation_patterns
 result.figure"""),
         ("markdown", "Mean active atoms per group (columns) and threshold τ (rows):"),
         ("code", """result.table.pivot(index="tau", columns="group", values="mean").round(2)"""),
-        ("code", """margins = result.summary["min_margin_vs_background"]
-print("min over τ of (group - background):", {k: round(v, 3) for k, v in margins.items()})
+        ("code", """control = result.summary["referred_vs_other_instances"]
+print(f"referred - other instances, within {control['n_images']} images, by τ:", control["mean_by_tau"])
+print("above 0 by more than 2 s.e.m. at every τ:", control["above_zero_beyond_2sem_every_tau"])
+margins = result.summary["min_margin_vs_background"]
+print("min over τ of (group - background), pooled:", {k: round(v, 3) for k, v in margins.items()})
 print("instance above background at every τ:", result.summary["instance_above_background_every_tau"])
 print("CoT above background at every τ:", result.summary["cot_above_background_every_tau"])"""),
     ],
@@ -56,23 +67,41 @@ print("CoT above background at every τ:", result.summary["cot_above_background_
         ("markdown", """# Figure 5: instance coverage of the top-K% image tokens
 
 Per sample, image tokens are ranked by the magnitude of their SAE code; an instance's coverage is
-the fraction of its pixels inside the top-K% patches, against the random-K% expectation.
+the fraction of its pixels inside the top-K% patches. The referred (target) instances are compared
+with the other objects of the same images, ranked by the same codes, and with the random-K%
+expectation.
+
+**Caveat.** The image tokens come before the instruction, so under causal attention their codes,
+and this ranking, are the same whichever object is referred: coverage above random shows that
+objects are salient, not that the referred one is. The control is referred vs other instances
+(`paired_difference`: within each image, referred minus other coverage).
 Functions: `analyses.instance_coverage`, `analyses.run_all.instance_coverage`."""),
         ("parameters", _COMMON_PARAMETERS + '\nMAGNITUDE = "l2"  # l2, l1 or max norm of a token\'s code'),
         ("code", _SETUP),
         ("code", """result = run_all.instance_coverage(collected, magnitude=MAGNITUDE)
 result.figure"""),
-        ("code", """result.table[["k_percent", "coverage", "random", "ratio", "n_instances"]].round(3)"""),
-        ("markdown", "The ratio at K = 10% for each way of measuring a token's magnitude:"),
-        ("code", """{m: round(run_all.instance_coverage(collected, magnitude=m).summary["ratio_top10"], 3)
- for m in ("l2", "l1", "max")}"""),
+        ("code", """result.table[["k_percent", "coverage", "other_coverage", "random", "ratio", "paired_difference",
+              "paired_difference_sem", "n_instances", "n_other_instances", "n_paired_images"]].round(3)"""),
+        ("markdown", "At K = 10%, for each way of measuring a token's magnitude: referred vs random and "
+                     "referred minus other instances (within image):"),
+        ("code", """{m: {k: round(v, 3) for k, v in run_all.instance_coverage(collected, magnitude=m).summary.items()
+     if k in ("ratio_top10", "paired_difference_top10")} for m in ("l2", "l1", "max")}"""),
     ],
     "figure8_correlation.ipynb": [
         ("markdown", """# Figure 8: correlation between modules
 
 Left (when the run folder holds the training log `metrics.jsonl`): per logged training step, the
-frozen SAE's reconstruction MSE vs the Dice loss of the masks. Right: per test instance, the IoU of
-its matched slot's heatmap vs its mask. OLS line, 95% band of the mean, Pearson r and p.
+frozen SAE's reconstruction MSE vs the Dice loss of the masks. Both fall as training goes on, so
+the panel holds the step fixed: each is regressed on a smooth function of the step and the
+residuals are correlated (partial correlation; the raw r is in the box). OLS line, 95% band of the
+mean, Pearson r and p.
+
+Right: the paper plots heatmap IoU vs mask IoU per test instance, but the mask decoder takes the
+heatmap as its dense prompt, so that correlation holds by construction. Instead, per test image,
+the most confident slot's heatmap (chosen without the ground truth) is scored on the referred
+object and on the image's other objects (mean heatmap probability inside each); a point above the
+diagonal is an image whose best-scoring object is a referred one, against the chance rate
+n_referred / n_objects.
 Functions: `analyses.correlation`, `analyses.run_all.correlation`."""),
         ("parameters", _COMMON_PARAMETERS),
         ("code", _SETUP),

@@ -1,4 +1,5 @@
-"""Figure 5: top-K% token coverage of target instances vs the random-K% expectation."""
+"""Figure 5: top-K% token coverage of target instances vs the other instances of the same images
+and vs the random-K% expectation."""
 
 import numpy as np
 import pytest
@@ -46,11 +47,29 @@ def test_hand_computed_coverage_on_a_4x4_grid():
     assert np.allclose(per.coverage[0], [4 / 16, 12 / 16, 12 / 16, 1.0])
     assert np.allclose(per.coverage[1], [0.0, 4 / 6, 1.0, 1.0])
     assert np.allclose(per.random, [[1 / 16, 4 / 16, 8 / 16, 1.0]] * 2)
-    assert per.sample.tolist() == [0, 0]
+    assert per.sample.tolist() == [0, 0] and per.referred.tolist() == [True, True]
     table = coverage_curve(codes, types, grid, sample, [hand_instances()], (4, 4), ks)
     assert np.allclose(table.coverage, [(4 / 16) / 2, (12 / 16 + 4 / 6) / 2, (12 / 16 + 1) / 2, 1.0])
     assert np.allclose(table.ratio, table.coverage / table.random)
     assert table.n_instances.tolist() == [2] * 4
+    assert table.n_other_instances.tolist() == [0] * 4 and table.other_coverage.isna().all()
+
+
+def test_referred_against_the_other_instances_of_the_image():
+    """Instance b of the hand case as the image's other object: same ranking, same numbers."""
+    codes, types, grid, sample = one_sample_tokens(HAND_SCORES)
+    a, b = hand_instances()
+    ks = [6.25, 25, 50, 100]
+    per = per_instance_coverage(codes, types, grid, sample, [a[None]], (4, 4), ks, other_masks=[[b]])
+    assert per.referred.tolist() == [True, False]
+    assert np.allclose(per.coverage, [[4 / 16, 12 / 16, 12 / 16, 1.0], [0.0, 4 / 6, 1.0, 1.0]])
+    table = coverage_curve(codes, types, grid, sample, [a[None]], (4, 4), ks, other_masks=[[b]])
+    assert np.allclose(table.coverage, [4 / 16, 12 / 16, 12 / 16, 1.0])
+    assert np.allclose(table.other_coverage, [0.0, 4 / 6, 1.0, 1.0])
+    assert np.allclose(table.paired_difference, [4 / 16, 12 / 16 - 4 / 6, 12 / 16 - 1, 0.0])
+    assert table.n_paired_images.tolist() == [1] * 4 and table.paired_difference_sem.isna().all()
+    assert np.allclose(table.ratio_vs_other[1:], table.coverage[1:] / table.other_coverage[1:])
+    assert (table.n_instances.iloc[0], table.n_other_instances.iloc[0]) == (1, 1)
 
 
 def test_magnitudes_and_top_k_rounding():
@@ -65,29 +84,32 @@ def test_magnitudes_and_top_k_rounding():
     assert n_top(10, 576) == 58
 
 
-def planted_world(n_samples=40, grid=(8, 8), size=32, planted=True, seed=0):
-    """Random rectangular instances; tokens over instances get large magnitudes when planted."""
+def planted_world(n_samples=40, grid=(8, 8), size=32, planted=True, seed=0, others=False):
+    """Random rectangular instances (drawn in order, a later one hiding an earlier one's pixels);
+    tokens over instances get large magnitudes when planted. With `others`, every sample also
+    holds 1-2 objects that are not referred, planted exactly like the referred ones (codes that
+    depend on the image alone): returns (codes, types, grid, sample, masks, other_masks)."""
     rng = np.random.default_rng(seed)
-    codes_rows, types, grids, samples, masks = [], [], [], [], []
+    codes_rows, types, grids, samples, masks, other_masks = [], [], [], [], [], []
     for s in range(n_samples):
-        inst = []
-        for _ in range(rng.integers(1, 3)):
-            m = np.zeros((size, size), bool)
+        labels = np.full((size, size), -1)
+        n_referred, n_other = rng.integers(1, 3), (rng.integers(1, 3) if others else 0)
+        for i in range(n_referred + n_other):
             y, x = rng.integers(0, size - 8, 2)
-            m[y:y + rng.integers(4, 9), x:x + rng.integers(4, 9)] = True
-            inst.append(m)
-        inst = np.stack(inst)
-        on = patch_pixel_counts(inst.any(0), grid) > 0  # (rows, cols)
+            labels[y:y + rng.integers(4, 9), x:x + rng.integers(4, 9)] = i
+        objects = [labels == i for i in range(n_referred + n_other)]
+        on = patch_pixel_counts(labels >= 0, grid) > 0  # (rows, cols)
         magnitude = rng.uniform(0.5, 1.5, grid) + (3.0 * on if planted else 0.0)
         codes_rows.append(magnitude.reshape(-1))
         types += [TokenType.IMAGE] * on.size
         grids += [(r, c) for r in range(grid[0]) for c in range(grid[1])]
         samples += [s] * on.size
-        masks.append(inst)
+        masks.append(np.stack(objects[:n_referred]))
+        other_masks.append(objects[n_referred:])
     dense = torch.zeros(len(types), 4, dtype=torch.float64)
     dense[:, 0] = torch.from_numpy(np.concatenate(codes_rows))
-    return (SparseCodes.from_dense(dense), torch.tensor(types), torch.tensor(grids), torch.tensor(samples),
-            masks)
+    out = (SparseCodes.from_dense(dense), torch.tensor(types), torch.tensor(grids), torch.tensor(samples), masks)
+    return (*out, other_masks) if others else out
 
 
 def test_planted_magnitudes_cover_instances_beyond_random(tmp_path):
@@ -100,7 +122,24 @@ def test_planted_magnitudes_cover_instances_beyond_random(tmp_path):
     path = save_png(fig, tmp_path / "fig5.png")
     assert path.stat().st_size > 10_000
     assert fig.axes[0].get_xlabel().startswith("K") and "coverage" in fig.axes[0].get_ylabel()
-    assert legend_texts(fig) == ["top-K% by l2 magnitude", "random K% (expectation)"]
+    assert legend_texts(fig) == [f"referred instances, top-K% by l2 (n={table.n_instances.iloc[0]})",
+                                 "random K% (expectation)"]
+    assert "causal attention" in fig.get_suptitle()
+
+
+def test_image_only_codes_beat_random_but_not_the_other_instances(tmp_path):
+    """Every object planted alike (saliency, all a code can carry before the instruction): the
+    referred instances beat random K% by far, yet match the other instances of their images."""
+    codes, types, grid, sample, masks, others = planted_world(n_samples=60, others=True, seed=5)
+    table = coverage_curve(codes, types, grid, sample, masks, (8, 8), [5, 10, 20, 50, 100], other_masks=others)
+    ten = table[table.k_percent == 10].iloc[0]
+    assert ten.ratio >= 2.0
+    assert table.n_paired_images.iloc[0] == 60
+    assert (table.paired_difference.abs() <= 2 * table.paired_difference_sem + 0.02).all()
+    assert np.allclose(table.ratio_vs_other[table.k_percent >= 20], 1.0, atol=0.15)
+    fig = plot_coverage(table)
+    save_png(fig, tmp_path / "fig5_other.png")
+    assert legend_texts(fig)[1] == f"other instances of the same images (n={table.n_other_instances.iloc[0]})"
 
 
 def test_unplanted_magnitudes_match_random():

@@ -160,6 +160,48 @@ def test_planted_codes_give_the_known_answers(collected):
     assert not flipped["instance_above_background_every_tau"]
 
 
+def test_codes_of_the_image_alone_pass_the_background_test_but_not_the_control(collected):
+    """Every object's patches alike (what image tokens before the instruction can carry): the
+    referred instance beats the background, not the other instances of its image."""
+    c = collected
+    groups = ra.fig4.token_groups(c.token_types, c.image_grid, c.token_sample_index, c.image_masks, c.grid_shapes,
+                                  other_masks=ra.other_object_masks(c))
+    objects = np.isin(groups, [ra.fig4.GROUPS.index("instance_image"), ra.fig4.GROUPS.index("other_instance_image")])
+    dense = torch.zeros(c.codes.n_tokens, c.codes.d_sae)
+    dense[torch.from_numpy(objects), :30] = 10.0
+    result = ra.activation_patterns(c._replace(codes=SparseCodes.from_dense(dense)))
+    summary = result.summary
+    assert summary["instance_above_background_every_tau"]
+    control = summary["referred_vs_other_instances"]
+    assert control["n_images"] == 3 and control["min_over_tau"] == control["max_over_tau"] == 0  # sample 6: no target
+    assert not control["above_zero_beyond_2sem_every_tau"]
+    assert summary["referred_vs_background"]["min_over_tau"] == 30
+    assert "causal attention" in summary["caveat"] and "causal attention" in result.figure.get_suptitle()
+    assert set(result.extra_tables["figure4_activation_patterns_paired.csv"].comparison) == set(ra.PAIRED_COMPARISONS)
+    coverage = ra.instance_coverage(c).summary
+    assert coverage["n_paired_images"] == 3 and coverage["n_other_instances"] > 0
+    assert abs(coverage["paired_difference_top10"]) < 0.5 and "causal attention" in coverage["caveat"]
+
+
+def test_heatmaps_scored_on_the_referred_and_the_other_objects(collected):
+    c = collected
+    side = c.heatmap_probs.shape[-1]
+    confidences = np.zeros_like(c.confidences)
+    confidences[:, 1] = 1.0  # slot 1 is every sample's most confident slot
+    on_target, on_other = np.zeros_like(c.heatmap_probs), np.zeros_like(c.heatmap_probs)
+    for b, s in enumerate(c.samples):
+        objects = ra.object_masks_in_heatmap_frame(c, b)
+        assert objects.shape == (len(s.objects), side, side)
+        if s.targets:
+            np.testing.assert_array_equal(objects[list(s.targets)], c.model_masks[b] > 0.5)  # the same frame
+            on_target[b, 1] = objects[s.targets[0]]
+        on_other[b, 1] = objects[[i for i in range(len(s.objects)) if i not in s.targets][0]]
+    hits = ra.referred_comparison(c._replace(heatmap_probs=on_target, confidences=confidences)).summary()
+    assert (hits["n"], hits["n_skipped"], hits["hit_rate"]) == (3, 1, 1.0) and hits["hit_p_value"] < 0.5
+    misses = ra.referred_comparison(c._replace(heatmap_probs=on_other, confidences=confidences)).summary()
+    assert misses["hit_rate"] == 0.0 and misses["mean_other"] == 1.0
+
+
 def test_slice_rows_matches_dense_rows(collected):
     dense = collected.codes.to_dense()
     part = slice_rows(collected.codes, 5, 17)
@@ -194,8 +236,14 @@ def test_run_all_writes_every_output(tiny_checkpoint, tmp_path):
             assert (out / name).is_file(), f"{stem}: {name} missing"
         if "png" in files:
             assert (out / files["png"]).read_bytes().startswith(b"\x89PNG")
-    training = summary["analyses"]["figure8_correlation"]["training"]
+    figure8 = summary["analyses"]["figure8_correlation"]
+    training = figure8["training"]  # x has no step trend: holding the step fixed keeps the relation
     assert training["n"] == 30 and training["slope"] == pytest.approx(0.3, abs=0.01) and training["pearson_r"] > 0.99
+    assert training["raw"]["pearson_r"] > 0.99 and training["n_step_terms"] == 4
+    assert figure8["referred_vs_other"]["n"] + figure8["referred_vs_other"]["n_skipped"] == 7
+    assert "by construction" in figure8["dropped_panel"]
+    table8 = pd.read_csv(out / "figure8_correlation.csv")
+    assert set(table8.panel) == {"training", "training_step_held_fixed", "referred_vs_other"}
     accept = summary["acceptance"]
     curve = pd.read_csv(out / "figure5_instance_coverage.csv")
     assert accept["coverage_ratio_top10"] == pytest.approx(float(curve[curve.k_percent == 10].ratio.iloc[0]))
@@ -211,6 +259,13 @@ def test_run_all_writes_every_output(tiny_checkpoint, tmp_path):
     labels = json.loads((out / ra.ATOM_NAMES_FILE).read_text())
     assert {int(a) for a in labels} == set(table.atom[table.confident]) == set(load_atom_labels(out / ra.NAMES_FILE))
     assert accept["codebook_atoms_named_fraction"] == pytest.approx(summary["analyses"]["concept_naming"]["fraction"])
+    groups = pd.read_csv(out / summary["files"]["concept_naming"]["groups_csv"])
+    assert {"concept", "atoms", "is_group", "f1"} <= set(groups.columns)
+    assert any(c.startswith("image:token_row=") for c in groups.concept)  # position concepts are judged
+    naming_summary = summary["analyses"]["concept_naming"]
+    assert naming_summary["n_concepts_named_by_a_group"] == len(naming_summary["named_groups"])
+    assert "referred_minus_other_instances_min_over_tau" in accept and "causal" in accept["image_tokens_caveat"]
+    assert "paired_csv" in summary["files"]["figure4_activation_patterns"]
     readout = pd.read_csv(out / "slot_readout.csv")
     assert len(readout) == 3 and "png" in summary["files"]["slot_readout"]  # tiny policy: embeddings + 2 blocks
     assert summary["analyses"]["slot_readout"]["last_layer_colour_accuracy"] == pytest.approx(readout.colour_accuracy.iloc[-1])
