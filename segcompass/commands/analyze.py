@@ -1,6 +1,7 @@
 """`segcompass analyze --checkpoint DIR --out DIR [--split val --n 48 ...]`: the interpretability
 analyses of a trained checkpoint (Figures 4, 5, 8, causal faithfulness, concept naming) and, with
-`--eval DIR`, how an evaluation's masks follow its chains of thought."""
+`--eval DIR`, how an evaluation's masks follow its chains of thought; `--causal` adds the causal suite
+(`analyses.causal`) in <out>/causal/."""
 
 from __future__ import annotations
 
@@ -25,6 +26,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "no-target samples by what the CoT concluded).")
     parser.add_argument("--device", default="cpu", help="'auto' (cuda when available), 'cpu', 'cuda', ...")
     parser.add_argument("--no-progress", action="store_true", help="Hide the progress bars.")
+    parser.add_argument("--causal", action="store_true",
+                        help="Also run the causal suite (greedy responses; pathway ablation, conflict test, "
+                             "dose-response, concept edit) into <out>/causal/causal.json + CSV/PNG.")
+    parser.add_argument("--causal-only", action="store_true", help="Run only the causal suite.")
+    parser.add_argument("--causal-splits", nargs="+", default=["testA", "multi"], metavar="S",
+                        help="Causal suite: world splits (default: testA multi).")
+    parser.add_argument("--causal-samples", type=int, default=200, metavar="N",
+                        help="Causal suite: samples per split (world seed --seed) (default: 200).")
     add_config_args(parser, AnalysesConfig)
 
 
@@ -35,12 +44,23 @@ def run(args: argparse.Namespace) -> int:
     from saekit.argparse_dataclass import config_from_args
     from saekit.models import resolve_device
 
-    summary = run_analyses(args.checkpoint, args.out, config_from_args(AnalysesConfig, args),
-                           device=str(resolve_device(args.device)), progress=not args.no_progress)
-    print(json.dumps(summary["acceptance"], indent=1))
+    config = config_from_args(AnalysesConfig, args)
+    if not args.causal_only:
+        summary = run_analyses(args.checkpoint, args.out, config, device=str(resolve_device(args.device)),
+                               progress=not args.no_progress)
+        print(json.dumps(summary["acceptance"], indent=1))
+    if args.causal or args.causal_only:
+        from analyses.causal import CAUSAL_DIR, CAUSAL_FILE, run_causal_suite
+
+        record = run_causal_suite(args.checkpoint, args.out / CAUSAL_DIR, splits=args.causal_splits,
+                                  n=args.causal_samples, seed=config.seed, device=str(resolve_device(args.device)),
+                                  progress=not args.no_progress)
+        print(json.dumps(record["acceptance"], indent=1))
+        print(f"analyze: causal suite in {args.out / CAUSAL_DIR / CAUSAL_FILE}")
     if args.eval is not None:
         from analyses.reasoning_to_mask import write_reasoning_report
 
         print(json.dumps(write_reasoning_report(args.eval, args.out), indent=1))
-    print(f"analyze: results in {args.out} (summary: {args.out / SUMMARY_FILE})")
+    if not args.causal_only:
+        print(f"analyze: results in {args.out} (summary: {args.out / SUMMARY_FILE})")
     return 0
