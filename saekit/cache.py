@@ -8,12 +8,15 @@ On disk (`out/`):
   sample's own token sequence, padding excluded), `image_grid` (n, 2) int16 (patch
   row/column of image tokens, -1 elsewhere).
 - `manifest.json`: the config, model preset, layer metadata (HF `hidden_states` index
-  and TransformerLens hook), source description and statistics, and every completed
-  shard; `complete: true` once the whole source is done.
+  and TransformerLens hook), a compatibility record per layer (`saekit.compat`), the data
+  file's fingerprint, source description and statistics, and every completed shard with
+  its size in bytes; `complete: true` once the whole source is done.
 
 Shards end only at batch boundaries, so an interrupted run resumes from the last shard
 in the manifest, recomputes exactly the batches that followed it, and writes the same
 bytes an uninterrupted run would. Files are written to a temporary name, then renamed.
+Nothing is written before the first shard, and a source with no usable sample is refused.
+Opening a cache checks every listed shard's size, so a truncated shard is never read.
 Padding never reaches the cache: `saekit.capture` returns valid positions only.
 """
 
@@ -33,7 +36,9 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from saekit.atomic import atomic_file, atomic_write_json
+from saekit.compat import COMPAT_KEY, capture_record, check_compatible
 from saekit.errors import UserError
+from saekit.integrity import check_safetensors, data_fingerprint, read_json_object
 from saekit.inputs import PAD_TYPE, TOKEN_TYPE_NAMES, TokenType, token_type_codes  # noqa: F401 (re-exported)
 from saekit.run import check_resume, config_record, free_on_resume
 from saekit.sources import ImageTextSample, Source, SourceItem, SourceStats, open_source
@@ -117,21 +122,45 @@ def _write_manifest(out: Path, manifest: dict[str, Any]) -> None:
     atomic_write_json(out / MANIFEST_NAME, manifest)
 
 
+_MANIFEST_FIELDS = {"format": str, "version": int, "config": dict, "model": dict, "layers": dict,
+                   "d_in": int, "storage_dtype": str, "shards": list, "complete": bool,
+                   "token_type_counts": dict}
+_SHARD_FIELDS = ("file", "n_tokens", "token_type_counts")
+
+
 def read_manifest(directory: Path) -> dict[str, Any]:
     path = Path(directory) / MANIFEST_NAME
     if not path.is_file():
         raise UserError(f"{directory} is not an activation cache: no {MANIFEST_NAME} "
                         "(make one with `saekit cache`)")
-    try:
-        manifest = json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise UserError(f"{path}: not valid JSON ({err.msg} at line {err.lineno})") from None
+    fix = "rebuild the cache with `saekit cache` into a new --out"
+    manifest = read_json_object(path, fix=fix)
     if manifest.get("format") != CACHE_FORMAT:
         raise UserError(f"{path}: not a saekit activation cache manifest")
     if manifest.get("version") != CACHE_VERSION:
         raise UserError(f"{path}: cache format version {manifest.get('version')} is not "
                         f"supported by this saekit (expects {CACHE_VERSION})")
+    read_json_object(path, fields=_MANIFEST_FIELDS, fix=fix)  # the shape, once it is ours
+    for k, shard in enumerate(manifest["shards"]):
+        if not isinstance(shard, dict) or any(key not in shard for key in _SHARD_FIELDS) \
+                or set(shard["token_type_counts"]) != set(TOKEN_TYPE_NAMES):
+            raise UserError(f"{path}: shard entry #{k} lacks file, n_tokens or token_type_counts; {fix}")
     return manifest
+
+
+def verify_shards(directory: Path, manifest: dict[str, Any]) -> None:
+    """UserError naming the first listed shard that is missing or damaged: its size against the
+    manifest's record (or, for caches written before sizes were recorded, its header)."""
+    fix = "re-run `saekit cache` into a new --out (a damaged shard cannot be resumed)"
+    for shard in manifest["shards"]:
+        path = Path(directory) / shard["file"]
+        if not path.is_file():
+            raise UserError(f"{path} is listed in {MANIFEST_NAME} but missing; {fix}")
+        if "bytes" not in shard:
+            check_safetensors(path, fix=fix)
+        elif path.stat().st_size != shard["bytes"]:
+            raise UserError(f"{path}: damaged shard ({path.stat().st_size} bytes, {MANIFEST_NAME} "
+                            f"says {shard['bytes']}); {fix}")
 
 
 # --------------------------------------------------------------------------- writing
@@ -221,9 +250,10 @@ def _flush(out: Path, manifest: dict[str, Any], buffer: _ShardBuffer) -> _ShardB
     shards = manifest["shards"]
     name = SHARD_NAME.format(len(shards))
     tensors = buffer.tensors()
+    out.mkdir(parents=True, exist_ok=True)  # nothing is written before the first shard
     _atomic_save_shard(out / name, tensors)
     next_record, stats = buffer.resume  # type: ignore[misc]
-    shards.append({"file": name, "n_tokens": buffer.n_tokens,
+    shards.append({"file": name, "bytes": (out / name).stat().st_size, "n_tokens": buffer.n_tokens,
                    "first_sample": buffer.first_sample, "last_sample": buffer.last_sample,
                    "token_type_counts": _type_counts(tensors["token_types"]),
                    "next_record": next_record, "source_stats": stats.to_dict()})
@@ -241,8 +271,16 @@ def _update_totals(manifest: dict[str, Any], stats: SourceStats) -> None:
     manifest["n_samples"] = stats.used
 
 
-def _new_manifest(record: dict[str, Any], loaded: "LoadedModel", layers: tuple[int, ...],
-                  source: Source) -> dict[str, Any]:
+def _compat_records(cfg: CacheConfig, loaded: "LoadedModel") -> dict[str, Any]:
+    return {str(layer): capture_record(loaded, layer, cfg.token_types) for layer in cfg.layers}
+
+
+def _fingerprint(data: Path) -> str | None:
+    return data_fingerprint(data) if data.exists() else None
+
+
+def _new_manifest(cfg: CacheConfig, record: dict[str, Any], loaded: "LoadedModel",
+                  layers: tuple[int, ...], source: Source) -> dict[str, Any]:
     from saekit.capture import layer_metadata
 
     preset = loaded.preset
@@ -251,6 +289,7 @@ def _new_manifest(record: dict[str, Any], loaded: "LoadedModel", layers: tuple[i
         "model": {"name": preset.name, "family": preset.family, "hf_class": preset.hf_class,
                   "d_model": preset.d_model, "n_layers": preset.n_layers},
         "layers": {str(layer): layer_metadata(preset, layer) for layer in layers},
+        COMPAT_KEY: _compat_records(cfg, loaded), "data_fingerprint": _fingerprint(cfg.data),
         "d_in": preset.d_model, "storage_dtype": record["dtype"],
         "token_type_names": list(TOKEN_TYPE_NAMES), "source": source.describe(),
         "source_stats": SourceStats().to_dict(), "n_samples": 0, "n_tokens": 0,
@@ -260,11 +299,25 @@ def _new_manifest(record: dict[str, Any], loaded: "LoadedModel", layers: tuple[i
 
 
 def _existing_manifest(cfg: CacheConfig) -> dict[str, Any] | None:
-    """The manifest of a cache already in `cfg.out` (checked against `cfg`), or None."""
+    """The manifest of a cache already in `cfg.out` (checked against `cfg`, its data file and
+    its shards), or None. A folder that holds other files is refused."""
+    if cfg.out.exists() and not cfg.out.is_dir():
+        raise UserError(f"cache: --out {cfg.out} is a file; give a folder for the cache")
     if not (cfg.out / MANIFEST_NAME).is_file():
+        others = sorted(p.name for p in cfg.out.glob("*") if not p.name.endswith(".tmp")) \
+            if cfg.out.is_dir() else []
+        if others:
+            raise UserError(f"cache: --out {cfg.out} already holds files that are not a cache "
+                            f"({', '.join(others[:3])}); give an empty or new folder")
         return None
     manifest = read_manifest(cfg.out)
-    check_resume(manifest["config"], cfg, f"cache: {cfg.out / MANIFEST_NAME}")
+    where = f"cache: {cfg.out / MANIFEST_NAME}"
+    check_resume(manifest["config"], cfg, where)
+    saved, now = manifest.get("data_fingerprint"), _fingerprint(cfg.data)
+    if saved is not None and now is not None and saved != now:
+        raise UserError(f"{where}: the data {cfg.data} changed since this cache was started "
+                        "(its fingerprint differs); restore the data or use another --out")
+    verify_shards(cfg.out, manifest)
     return manifest
 
 
@@ -297,12 +350,16 @@ def build_cache(cfg: CacheConfig, *, loaded: "LoadedModel | None" = None,
     if loaded is None:
         loaded = load_model(cfg.model, cfg.model_path, device=resolve_device(cfg.device),
                             dtype=None if cfg.model_dtype == "auto" else cfg.model_dtype)
-    cfg.out.mkdir(parents=True, exist_ok=True)
     for tmp in cfg.out.glob("*.tmp"):
         tmp.unlink()  # a write that an interrupted run never finished
     if manifest is None:
-        manifest = _new_manifest(record, loaded, tuple(layers), source)
-        _write_manifest(cfg.out, manifest)
+        manifest = _new_manifest(cfg, record, loaded, tuple(layers), source)
+    elif COMPAT_KEY in manifest:  # the same model weights as the shards already written
+        for layer, saved in manifest[COMPAT_KEY].items():
+            check_compatible(saved, f"the unfinished cache {cfg.out}",
+                             capture_record(loaded, int(layer), cfg.token_types),
+                             f"model {cfg.model} ({cfg.model_path or 'built in'})",
+                             advice="resume with the same model weights, or use another --out")
     _fill(cfg, manifest, loaded, source, tuple(layers), progress)
     return cfg.out
 
@@ -339,6 +396,12 @@ def _fill(cfg: CacheConfig, manifest: dict[str, Any], loaded: "LoadedModel", sou
                 buffer = _flush(cfg.out, manifest, buffer)
         buffer = _flush(cfg.out, manifest, buffer)
     _update_totals(manifest, source.stats)
+    if manifest["n_tokens"] == 0:
+        stats = source.stats
+        skipped = ", ".join(f"{k} {v}" for k, v in stats.skipped.items()) or "none"
+        what = "no usable sample" if stats.used == 0 else f"no token of types {', '.join(cfg.token_types)}"
+        raise UserError(f"cache: {cfg.data} gave {what} ({stats.seen} records read; skipped: "
+                        f"{skipped}); check the image paths and --token-types. Nothing was written")
     manifest["source"] = source.describe()
     manifest["complete"] = True
     _write_manifest(cfg.out, manifest)
@@ -401,6 +464,7 @@ class ActivationCache:
     def __init__(self, directory: str | Path):
         self.directory = Path(directory)
         self.manifest = read_manifest(self.directory)
+        verify_shards(self.directory, self.manifest)
         self.shards: list[dict[str, Any]] = self.manifest["shards"]
         self.resident_rows = 0
         """Rows of shard data currently held by readers of this cache (freed on release)."""
@@ -430,6 +494,29 @@ class ActivationCache:
     def _check_layer(self, layer: int) -> None:
         if layer not in self.layers:
             raise UserError(f"{self.directory} holds layers {list(self.layers)}, not layer {layer}")
+
+    def compat(self, layer: int) -> dict[str, Any]:
+        """The compatibility record of `layer` (`saekit.compat`); for a cache written before
+        records existed, what the manifest says (no fingerprint)."""
+        self._check_layer(layer)
+        saved = self.manifest.get(COMPAT_KEY, {}).get(str(layer))
+        if isinstance(saved, dict):
+            return dict(saved)
+        meta = self.manifest["layers"][str(layer)]
+        return {"model": self.manifest["model"].get("name"), "fingerprint": None, "layer": layer,
+                "hook": meta.get("transformer_lens_hook") if isinstance(meta, dict) else None,
+                "d_in": self.d_in, "token_types": list(self.manifest["config"].get("token_types", [])) or None,
+                "normalization": "none"}
+
+    def require_rows(self, token_types: Iterable[str] | None) -> tuple[int, ...]:
+        """The codes of `token_types` (default all), after checking the cache holds rows of them."""
+        codes = token_type_codes(token_types)
+        if sum(self.count_rows(s, codes) for s in self.shards) == 0:
+            held = [name for name, n in self.manifest["token_type_counts"].items() if n]
+            raise UserError(f"{self.directory} holds no rows of token types "
+                            f"{', '.join(TOKEN_TYPE_NAMES[c] for c in codes)} (it holds "
+                            f"{', '.join(held) or 'no rows at all'}); choose --token-types among those")
+        return codes
 
     def count_rows(self, shard: dict[str, Any], codes: tuple[int, ...]) -> int:
         return sum(shard["token_type_counts"][TOKEN_TYPE_NAMES[c]] for c in codes)
@@ -512,10 +599,7 @@ class ActivationCache:
         self._check_layer(layer)
         if batch_size < 1 or shards_in_memory < 1 or start_batch < 0:
             raise ValueError("batch_size and shards_in_memory must be >= 1, start_batch >= 0")
-        codes = token_type_codes(token_types)
-        if sum(self.count_rows(s, codes) for s in self.shards) == 0:
-            raise UserError(f"{self.directory} holds no rows of token types "
-                            f"{[TOKEN_TYPE_NAMES[c] for c in codes]}")
+        codes = self.require_rows(token_types)
         chunks = self._row_chunks(layer, codes, shuffle=shuffle, seed=seed,
                                   shards_in_memory=shards_in_memory,
                                   skip_rows=start_batch * batch_size, epochs=epochs)

@@ -11,7 +11,7 @@ import importlib
 import sys
 
 from saekit.argparse_dataclass import HelpFormatter
-from saekit.errors import UserError
+from saekit.faults import fault_message
 
 COMMANDS: dict[str, str] = {
     "cache": "Capture a model layer's activations over image-text data into a sharded cache.",
@@ -22,7 +22,11 @@ COMMANDS: dict[str, str] = {
 
 
 def dispatch(prog: str, package: str, commands: dict[str, str], argv: list[str] | None) -> int:
-    """Parse `argv` for one of `commands` and run it; a UserError becomes one line on stderr."""
+    """Parse `argv` for one of `commands` and run it: the one error boundary of both CLIs.
+
+    An expected fault (`saekit.faults.fault_message`: a UserError, a full disk, a permission,
+    a damaged file, ...) becomes one line on stderr and exit code 2; a bug keeps its traceback.
+    """
     argv = sys.argv[1:] if argv is None else list(argv)
     parser = argparse.ArgumentParser(prog=prog)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -34,8 +38,11 @@ def dispatch(prog: str, package: str, commands: dict[str, str], argv: list[str] 
     args = parser.parse_args(argv)
     try:
         return int(_module(package, args.command).run(args) or 0)
-    except UserError as err:
-        print(f"{prog}: error: {err}", file=sys.stderr)
+    except Exception as err:  # noqa: BLE001 - sorted below: faults become a line, bugs re-raise
+        message = fault_message(err)
+        if message is None:
+            raise
+        print(f"{prog}: error: {' '.join(message.split())}", file=sys.stderr)
         return 2
 
 

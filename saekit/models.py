@@ -25,10 +25,26 @@ PRESET_FILE = "saekit_preset.json"  # written by `save_pretrained` next to the H
 
 
 def resolve_device(device: str | torch.device = "auto") -> torch.device:
-    """'auto' -> cuda when available, else cpu; anything else as given."""
+    """'auto' -> cuda when available, else cpu; anything else as given, after checking that
+    this torch can use it (a UserError naming the device otherwise)."""
     if str(device) == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+    try:
+        resolved = torch.device(device)
+    except (RuntimeError, TypeError) as err:
+        raise UserError(f"--device {device}: not a device torch knows ({err}); use auto, cpu, "
+                        "cuda or cuda:N") from None
+    if resolved.type == "cuda":
+        if not torch.cuda.is_available():
+            why = ("this torch was built without CUDA" if torch.version.cuda is None
+                   else "no CUDA GPU is visible")
+            raise UserError(f"--device {device}: {why}; use --device cpu (or auto)")
+        if resolved.index is not None and resolved.index >= torch.cuda.device_count():
+            raise UserError(f"--device {device}: only {torch.cuda.device_count()} CUDA device(s) "
+                            f"are visible (cuda:0..cuda:{torch.cuda.device_count() - 1})")
+    elif resolved.type == "mps" and not torch.backends.mps.is_available():
+        raise UserError(f"--device {device}: MPS is not available here; use --device cpu (or auto)")
+    return resolved
 
 
 def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
@@ -45,11 +61,13 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torc
 
 
 def load_model(name: str, model_path: str | Path | None = None, *, device: str | torch.device = "cpu",
-               dtype: str | torch.dtype | None = None) -> LoadedModel:
+               dtype: str | torch.dtype | None = None, path_flag: str | None = "--model-path") -> LoadedModel:
     """Load preset `name` offline: from `model_path`, the local HF cache, or (tiny) in-process.
 
     Never downloads. A missing directory, a checkpoint of another family or an unreadable
     file is a one-line `UserError` that says where saekit looked and what to do.
+    `path_flag`: the caller's flag that gives `model_path` (named in that advice); None when
+    the folder is part of something else (a SegCompass checkpoint's policy/).
     """
     preset = get_preset(name)
     device = resolve_device(device)
@@ -58,16 +76,17 @@ def load_model(name: str, model_path: str | Path | None = None, *, device: str |
         loaded = build_tiny(preset.name)
         loaded.model.to(device=device, dtype=dtype)
         return loaded
-    directory = _find_weights(preset, model_path)
+    directory = _find_weights(preset, model_path, path_flag)
     return _load_directory(preset, directory, device, dtype)
 
 
-def _find_weights(preset: ModelPreset, model_path: str | Path | None) -> Path:
+def _find_weights(preset: ModelPreset, model_path: str | Path | None, path_flag: str | None) -> Path:
     """The directory holding `config.json` for `preset`, or a UserError saying how to get one."""
-    how = (f"pass --model-path DIR pointing at a local copy of {preset.hub_id}, or run "
+    give = f"pass {path_flag} DIR pointing at" if path_flag else "it must be"
+    how = (f"{give} a local copy of {preset.hub_id}, or run "
            f"`huggingface-cli download {preset.hub_id}` on a machine with network"
            if preset.hub_id else
-           f"pass --model-path DIR pointing at a directory written by saekit.models.save_pretrained")
+           f"{give} a directory written by saekit.models.save_pretrained")
     if model_path is not None:
         directory = Path(model_path).expanduser()
         if not (directory / "config.json").is_file():

@@ -5,11 +5,17 @@ pretraining) stores `config_record(cfg)` with its checkpoint and calls `check_re
 cfg, what)` before it continues one. Fields made with `free_on_resume` (where to write, which
 device, how many threads, how often to log or checkpoint) may differ between the two runs;
 every other field must be what the checkpoint was written with.
+
+Their metrics logs (`MetricsLog`, one JSON line per logged step) are cut back to the resumed
+checkpoint's step, so a run killed between a log line and the next checkpoint, or started
+again with --no-resume, never leaves the same step twice. `apply_threads` checks and sets
+the `threads` field.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 from pathlib import Path
 from typing import Any
 
@@ -109,3 +115,48 @@ def check_resume(saved: dict[str, Any], cfg: Any, what: str) -> None:
         names = {f.name for f in dataclasses.fields(cfg)}
         advice = "use another --out or --no-resume" if "resume" in names else "use another --out"
         raise UserError(f"{what} was written with other settings: {'; '.join(changes)}; {advice}")
+
+
+def apply_threads(threads: int) -> None:
+    """torch's CPU thread count from a run's `threads` field (0: leave torch's default)."""
+    if isinstance(threads, bool) or not isinstance(threads, int) or threads < 0:
+        raise UserError(f"--threads must be 0 (all cores) or a positive count, got {threads}")
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
+
+
+def truncate_log(path: str | Path, step: int) -> dict[str, Any] | None:
+    """Keep the lines of the JSONL log `path` whose "step" is <= `step` (the step a resumed run
+    restarts from; 0 for a fresh run) and drop the rest, a line cut short by a kill included.
+    The file is rewritten atomically (created empty if missing); returns the last kept record."""
+    from saekit.atomic import atomic_write_text
+
+    path = Path(path)
+    kept: list[str] = []
+    if path.is_file() and step > 0:
+        for line in path.read_text().splitlines():
+            try:
+                record = json.loads(line)
+                if record["step"] > step:
+                    break  # steps only grow: the rest is after the checkpoint too
+            except (json.JSONDecodeError, KeyError, TypeError):
+                break  # a line cut short by the interruption
+            kept.append(line + "\n")
+    atomic_write_text(path, "".join(kept))
+    return json.loads(kept[-1]) if kept else None
+
+
+class MetricsLog:
+    """A run's metrics.jsonl: cut back to `resumed_step` on opening (`truncate_log`), then
+    appended one line per logged step; `last` is the newest record."""
+
+    def __init__(self, path: str | Path, resumed_step: int):
+        self.path = Path(path)
+        self.last: dict[str, Any] | None = truncate_log(self.path, resumed_step)
+
+    def append(self, line: dict[str, Any]) -> None:
+        with self.path.open("a") as handle:
+            handle.write(json.dumps(line) + "\n")
+        self.last = line

@@ -277,8 +277,7 @@ def _jsonl_reader(path: Path) -> RecordReader:
                 try:
                     raw = json.loads(line)
                 except json.JSONDecodeError as err:
-                    raise UserError(f"{where}: not valid JSON ({err.msg} at column "
-                                    f"{err.colno})") from None
+                    raise UserError(f"{where}: not valid JSON: {err.msg} (column {err.colno})") from None
                 if not isinstance(raw, dict):
                     raise UserError(f"{where}: expected a JSON object, got {type(raw).__name__}")
                 yield index, raw, where

@@ -1,7 +1,9 @@
 """SegCompass assembled: policy MLLM + frozen SAE + head + SAM, and its checkpoint folder.
 
 A checkpoint is a folder (every tensor in safetensors, nothing pickled):
-    segcompass.json         SegCompassConfig + HeadConfig + training record
+    segcompass.json         SegCompassConfig + HeadConfig + training record, the compatibility
+                            record of the policy layer the SAE reads (`saekit.compat`), and the
+                            size of every file (checked on loading: a damaged folder is refused)
     policy/                 the policy, `save_pretrained` (trained above the SAE layer)
     sae/                    the frozen SAE, sae-lens format (copied so the folder stands alone)
     sam/                    SAM (vision encoder, prompt encoder, mask decoder), `save_pretrained`
@@ -19,24 +21,30 @@ from typing import Any, NamedTuple
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import Tensor, nn
 
 from saekit.atomic import atomic_directory
+from saekit.compat import COMPAT_KEY, capture_record, check_compatible
 from saekit.errors import UserError
-from saekit.inputs import ModelBatch
+from saekit.inputs import TOKEN_TYPE_NAMES, ModelBatch
+from saekit.integrity import (check_file_sizes, check_safetensors, file_sizes, load_safetensors,
+                              read_json_object)
 from saekit.models import LoadedModel, load_model, save_pretrained
 from saekit.sae.encode import encode_sparse
 from saekit.sae.io import load_sae
 from saekit.sparse import SparseCodes
 from segcompass.build import HeadConfig, build_backbone, build_head, head_config
 from segcompass.modeling.segcompass_head import HeadOutput, SegCompassHead
-from segcompass.policy import PolicyForward, SlotInputs, policy_forward, ref_token_id, slot_inputs
+from segcompass.policy import (SAE_TOKEN_TYPES, PolicyForward, SlotInputs, policy_forward, ref_token_id,
+                               slot_inputs)
 from segcompass.sam import build_sam, load_sam, preprocess_images
 
 CONFIG_FILE = "segcompass.json"
 HEAD_WEIGHTS = "head.safetensors"
 _HEAD_OWN_PREFIXES = ("codebook.", "key_codebook.", "aggregator.", "slot_mapper.")  # the mask decoder lives in sam/
+SAE_TOKEN_TYPE_NAMES = tuple(TOKEN_TYPE_NAMES[code] for code in SAE_TOKEN_TYPES)
+"""The token types SegCompass feeds its SAE (image, prompt, response)."""
 
 
 @dataclass(frozen=True)
@@ -196,16 +204,26 @@ def freeze_policy_up_to(policy: nn.Module, layer: int) -> None:
         policy.get_output_embeddings().requires_grad_(True)
 
 
+def policy_compat(policy: LoadedModel, sae_layer: int) -> dict[str, Any]:
+    """The compatibility record of what SegCompass feeds its SAE: layer `sae_layer` of `policy`."""
+    return capture_record(policy, sae_layer, SAE_TOKEN_TYPE_NAMES)
+
+
 def build_segcompass(config: SegCompassConfig, *, policy_path: str | Path, sae_path: str | Path,
                      sam_path: str | Path | None = None, seed: int = 0,
-                     device: str | torch.device = "cpu") -> SegCompass:
-    """A new SegCompass from a (warm-started) policy, a trained SAE and SAM."""
-    policy = load_model(config.policy_preset, policy_path, device=device)
-    target = f"layer {config.sae_layer} of {policy.preset.name} (d_model {policy.preset.d_model})"
-    sae = load_sae(sae_path, expected_d_in=policy.preset.d_model, target=target, device=device).sae
+                     device: str | torch.device = "cpu", allow_mismatch: bool = False) -> SegCompass:
+    """A new SegCompass from a (warm-started) policy, a trained SAE and SAM.
+
+    The SAE must have been trained on this policy's layer `sae_layer` (its compatibility
+    record against the policy's, `saekit.compat`) unless `allow_mismatch`."""
+    policy = load_model(config.policy_preset, policy_path, device=device, path_flag="--policy")
     if not 1 <= config.sae_layer <= policy.preset.n_layers:
-        raise UserError(f"sae_layer {config.sae_layer} is out of range for {policy.preset.name} "
+        raise UserError(f"--sae-layer {config.sae_layer} is out of range for {policy.preset.name} "
                         f"(valid 1..{policy.preset.n_layers})")
+    target = f"--policy {policy_path} at --sae-layer {config.sae_layer}"
+    sae = load_sae(sae_path, expected_d_in=policy.preset.d_model, target=target,
+                   given=policy_compat(policy, config.sae_layer), allow_mismatch=allow_mismatch,
+                   device=device).sae
     overrides = {"key_kernel": config.key_kernel} if config.key_kernel else {}
     if config.policy_image_keys not in ("preset", "on", "off"):
         raise UserError(f"policy_image_keys must be preset, on or off, got {config.policy_image_keys!r}")
@@ -240,7 +258,8 @@ def write_checkpoint(model: SegCompass, tmp: Path, *, sae_path: str | Path, reco
                   if k.startswith(_HEAD_OWN_PREFIXES)}
     save_file(head_state, str(tmp / HEAD_WEIGHTS))
     meta = {"config": dataclasses.asdict(model.config), "head": dataclasses.asdict(model.head_cfg),
-            "record": record or {}}
+            "record": record or {}, COMPAT_KEY: policy_compat(model.loaded, model.config.sae_layer),
+            "files": file_sizes(tmp)}
     (tmp / CONFIG_FILE).write_text(json.dumps(meta, indent=2))
 
 
@@ -249,18 +268,33 @@ def load_segcompass(directory: str | Path, *, device: str | torch.device = "cpu"
     directory = Path(directory)
     meta_path = directory / CONFIG_FILE
     if not meta_path.is_file():
-        raise UserError(f"{directory} is not a segcompass checkpoint (no {CONFIG_FILE}); "
-                        "point --checkpoint at a folder written by `segcompass train`")
-    meta = json.loads(meta_path.read_text())
-    config = SegCompassConfig(**meta["config"])
-    head_cfg = HeadConfig(**meta["head"])
-    policy = load_model(config.policy_preset, directory / "policy", device=device)
-    sae = load_sae(directory / "sae", expected_d_in=policy.preset.d_model, device=device).sae
-    from transformers import SamModel
-
-    sam = SamModel.from_pretrained(directory / "sam", local_files_only=True, use_safetensors=True).to(device)
+        what = "does not exist" if not directory.exists() else f"has no {CONFIG_FILE}"
+        raise UserError(f"checkpoint {directory} {what}; point --checkpoint at a folder written "
+                        "by `segcompass train` (e.g. runs/segcompass/final)")
+    fix = "the checkpoint is damaged: copy it again or retrain"
+    meta = read_json_object(meta_path, fields={"config": dict, "head": dict}, fix=fix)
+    if isinstance(meta.get("files"), dict):  # written with sizes: every file is whole
+        check_file_sizes(directory, meta["files"], fix=fix)
+    else:  # an older checkpoint: at least the head and SAM weights
+        check_safetensors(directory / HEAD_WEIGHTS, fix=fix)
+        check_safetensors(directory / "sam" / "model.safetensors", fix=fix)
+        read_json_object(directory / "sam" / "config.json", fix=fix)
+    try:
+        config = SegCompassConfig(**meta["config"])
+        head_cfg = HeadConfig(**meta["head"])
+    except TypeError as err:
+        raise UserError(f"{meta_path}: 'config' or 'head' has fields this segcompass does not know "
+                        f"({err}); {fix}") from None
+    policy = load_model(config.policy_preset, directory / "policy", device=device, path_flag=None)
+    given = policy_compat(policy, config.sae_layer)
+    if isinstance(meta.get(COMPAT_KEY), dict):  # the policy's frozen layers are the ones trained with
+        check_compatible(meta[COMPAT_KEY], f"checkpoint {directory}", given, "its policy/ folder",
+                         advice=f"the policy/ folder is not the one trained; {fix}")
+    sae = load_sae(directory / "sae", expected_d_in=policy.preset.d_model, given=given,
+                   target=f"its policy's layer {config.sae_layer}", device=device).sae
+    sam = _load_sam_folder(directory / "sam", device)
     head = build_head(head_cfg, sam).to(device)
-    missing, unexpected = head.load_state_dict(load_file(str(directory / HEAD_WEIGHTS)), strict=False)
+    missing, unexpected = head.load_state_dict(load_safetensors(directory / HEAD_WEIGHTS, fix=fix), strict=False)
     own_missing = [k for k in missing if k.startswith(_HEAD_OWN_PREFIXES)]
     if own_missing or unexpected:
         raise UserError(f"{directory / HEAD_WEIGHTS}: weights do not match the head config "
@@ -268,6 +302,19 @@ def load_segcompass(directory: str | Path, *, device: str | torch.device = "cpu"
     return SegCompass(policy=policy, sae=sae, head=head, sam=sam, config=config, head_cfg=head_cfg)
 
 
+def _load_sam_folder(folder: Path, device: str | torch.device) -> nn.Module:
+    from safetensors import SafetensorError
+    from transformers import SamModel
+
+    try:
+        return SamModel.from_pretrained(folder, local_files_only=True, use_safetensors=True).to(device)
+    except (OSError, ValueError, KeyError, SafetensorError) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise UserError(f"{folder}: cannot load SAM ({first}); the checkpoint is damaged: copy it "
+                        "again or retrain") from None
+
+
 def checkpoint_record(directory: str | Path) -> dict[str, Any]:
     """The training record stored in a checkpoint's segcompass.json."""
-    return json.loads((Path(directory) / CONFIG_FILE).read_text()).get("record", {})
+    record = read_json_object(Path(directory) / CONFIG_FILE).get("record", {})
+    return record if isinstance(record, dict) else {}

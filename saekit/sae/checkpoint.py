@@ -21,10 +21,11 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from saekit.atomic import atomic_directory
 from saekit.errors import UserError
+from saekit.integrity import load_safetensors, read_json_object
 from saekit.sae.model import SparseAutoencoder
 
 CHECKPOINT_DIR = "checkpoints"
@@ -113,10 +114,12 @@ def latest_checkpoint(out: Path) -> Path | None:
 def load_checkpoint(folder: Path, sae: SparseAutoencoder,
                     optimizer: torch.optim.Optimizer) -> TrainerState:
     """Restore weights, optimiser and RNG from `folder`; returns the trainer state."""
-    record = json.loads((folder / STATE_JSON_FILE).read_text())
+    fix = f"delete {folder} to start from the one before it (or from scratch)"
+    record = read_json_object(folder / STATE_JSON_FILE, fields={
+        "step": int, "tokens": int, "input_scale": (int, float), "config": dict}, fix=fix)
     if record.get("format") != CHECKPOINT_FORMAT:
         raise UserError(f"{folder / STATE_JSON_FILE}: not a saekit training checkpoint")
-    weights = load_file(str(folder / WEIGHTS_FILE))
+    weights = load_safetensors(folder / WEIGHTS_FILE, fix=fix)
     params = _named_params(sae)
     if set(weights) != set(params) or any(weights[k].shape != params[k].shape for k in params):
         raise UserError(f"{folder}: weights do not match the configured SAE "
@@ -124,8 +127,8 @@ def load_checkpoint(folder: Path, sae: SparseAutoencoder,
     with torch.no_grad():
         for name, param in params.items():
             param.copy_(weights[name])
-    load_optimizer_tensors(sae, optimizer, load_file(str(folder / OPTIMIZER_FILE)))
-    tensors = load_file(str(folder / STATE_TENSORS_FILE))
+    load_optimizer_tensors(sae, optimizer, load_safetensors(folder / OPTIMIZER_FILE, fix=fix))
+    tensors = load_safetensors(folder / STATE_TENSORS_FILE, fix=fix)
     torch.set_rng_state(tensors["torch_rng_state"])
     if "cuda_rng_state" in tensors and torch.cuda.is_available():
         torch.cuda.set_rng_state(tensors["cuda_rng_state"])

@@ -42,13 +42,16 @@ def cache_data(cfg: SAETrainConfig) -> TrainingData:
     if not cache.complete:
         raise UserError(f"{cfg.cache} is an unfinished cache; finish it first by re-running "
                         "`saekit cache` with the same arguments")
+    cache.require_rows(cfg.token_types)  # before anything is written
 
     def batches(start_batch: int) -> Iterator[torch.Tensor]:
         return cache.iter_batches(cfg.batch_size, layer=layer, shuffle=True, seed=cfg.seed,
                                   token_types=cfg.token_types, start_batch=start_batch, epochs=None)
 
+    compat = dict(cache.compat(layer), token_types=list(cfg.token_types))
     record = {"model": _model_record(model["name"], model.get("family"), cache.d_in, model["n_layers"]),
               "layer": cache.manifest["layers"][str(layer)], "token_types": list(cfg.token_types),
+              "compat": compat,
               "data": {"kind": "cache", "path": str(Path(cfg.cache).expanduser().resolve()),
                        "n_tokens": cache.n_tokens, "source": cache.manifest.get("source")}}
     return TrainingData(batches, cache.d_in, record)
@@ -69,6 +72,7 @@ def stream_data(cfg: SAETrainConfig) -> TrainingData:
     """Training batches captured from `cfg.model` over `cfg.data` while training."""
     from saekit.cache import stream_activations
     from saekit.capture import check_layers, layer_metadata
+    from saekit.compat import capture_record
     from saekit.models import get_preset, load_model, resolve_device
     from saekit.sources import open_source
 
@@ -90,6 +94,7 @@ def stream_data(cfg: SAETrainConfig) -> TrainingData:
     p = loaded.preset
     record = {"model": _model_record(p.name, p.family, p.d_model, p.n_layers), "layer": meta,
               "token_types": list(cfg.token_types),
+              "compat": capture_record(loaded, layer, cfg.token_types),
               "data": {"kind": "stream", "path": str(Path(cfg.data).expanduser().resolve()),
                        "model_path": str(cfg.model_path) if cfg.model_path else None}}
     return TrainingData(batches, p.d_model, record)

@@ -96,12 +96,11 @@ def save_codes(path: str | Path, codes: SparseCodes, *, extra: dict[str, Tensor]
     header metadata: format, d_sae and `metadata` (values stored as strings).
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     tensors = {"indices": codes.indices, "values": codes.values, "offsets": codes.offsets,
                **(extra or {})}
     header = {"format": CODES_FORMAT, "d_sae": str(codes.d_sae),
               **{k: str(v) for k, v in (metadata or {}).items()}}
-    with atomic_file(path) as tmp:
+    with atomic_file(path, parents=True) as tmp:
         save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp), metadata=header)
     return path
 
@@ -137,12 +136,14 @@ class EncodeConfig:
     """Keep at most this many of the largest latents per token (default: no limit)."""
     layer: int | None = None
     """Cache layer to encode (default: the SAE's training layer, or the cache's only layer)."""
-    token_types: tuple[str, ...] = TOKEN_TYPE_NAMES
-    """Token types to encode: any of image, prompt, response, special."""
+    token_types: tuple[str, ...] = ()
+    """Token types to encode, of image, prompt, response, special (default: the SAE's training types)."""
     chunk_tokens: int = 4096
     """Tokens encoded at once (one chunk_tokens x d_sae block in memory)."""
     device: str = "auto"
     """Device: auto (cuda when available, else cpu), cpu, cuda, ..."""
+    allow_mismatch: bool = False
+    """Use an SAE made for another model, layer or token types."""
 
     def __post_init__(self) -> None:
         if self.threshold < 0:
@@ -151,7 +152,8 @@ class EncodeConfig:
             raise UserError(f"top_k must be >= 1, got {self.top_k}")
         if self.chunk_tokens < 1:
             raise UserError(f"chunk_tokens must be >= 1, got {self.chunk_tokens}")
-        token_type_codes(self.token_types)
+        if self.token_types:
+            token_type_codes(self.token_types)
 
 
 def _encode_layer(cfg: EncodeConfig, cache, sae_info: dict[str, Any]) -> int:
@@ -180,6 +182,17 @@ def _read_shard_rows(cache, shard: dict[str, Any], layer: int, keep: Tensor) -> 
     return {name: value[mask] for name, value in rows.items()}
 
 
+def _check_out_file(out: Path) -> None:
+    """UserError unless `out` can become a file: not a folder, below folders (not files)."""
+    if out.is_dir():
+        raise UserError(f"encode: --out {out} is a folder; give a file path such as {out / 'codes.safetensors'}")
+    for parent in out.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise UserError(f"encode: --out {out}: {parent} is a file, not a folder")
+            break
+
+
 def _concat_codes(parts: list[SparseCodes], d_sae: int) -> SparseCodes:
     offsets, base = [torch.zeros(1, dtype=torch.int64)], 0
     for part in parts:
@@ -196,14 +209,17 @@ def encode_cache(cfg: EncodeConfig, *, progress: bool = True) -> Path:
 
     from saekit.cache import ActivationCache
     from saekit.models import resolve_device
-    from saekit.sae.io import load_sae, read_sae_info
+    from saekit.sae.io import load_sae, read_sae_info, sae_compat
 
+    _check_out_file(Path(cfg.out))
+    device = resolve_device(cfg.device)
     cache = ActivationCache(cfg.cache)
     layer = _encode_layer(cfg, cache, read_sae_info(cfg.sae))
-    target = f"layer {layer} of {cache.manifest['model']['name']} in cache {cfg.cache}"
-    sae = load_sae(cfg.sae, expected_d_in=cache.d_in, target=target,
-                   device=resolve_device(cfg.device)).sae
-    keep = torch.tensor(token_type_codes(cfg.token_types), dtype=torch.int8)
+    token_types = cfg.token_types or tuple(sae_compat(cfg.sae).get("token_types") or TOKEN_TYPE_NAMES)
+    cache.require_rows(token_types)  # no rows to encode would give an empty codes file
+    sae = load_sae(cfg.sae, expected_d_in=cache.d_in, target=f"cache {cfg.cache}", given=cache.compat(layer),
+                   allow_mismatch=cfg.allow_mismatch, token_types=token_types, device=device).sae
+    keep = torch.tensor(token_type_codes(token_types), dtype=torch.int8)
     parts, tags = [], {name: [] for name in TAG_NAMES}
     for shard in tqdm(cache.shards, desc="encode", unit="shard", disable=not progress):
         rows = _read_shard_rows(cache, shard, layer, keep)
@@ -215,5 +231,5 @@ def encode_cache(cfg: EncodeConfig, *, progress: bool = True) -> Path:
     codes = _concat_codes(parts, sae.d_sae)
     extra = {name: torch.cat(values) for name, values in tags.items() if values}
     metadata = {"sae": Path(cfg.sae).resolve(), "cache": Path(cfg.cache).resolve(), "layer": layer,
-                "threshold": cfg.threshold, "top_k": cfg.top_k, "token_types": ",".join(cfg.token_types)}
+                "threshold": cfg.threshold, "top_k": cfg.top_k, "token_types": ",".join(token_types)}
     return save_codes(cfg.out, codes, extra=extra, metadata=metadata)

@@ -15,7 +15,6 @@ its presence marks a finished folder.
 
 from __future__ import annotations
 
-import json
 from importlib import metadata as importlib_metadata
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -25,7 +24,9 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from saekit.atomic import atomic_file, atomic_write_json
+from saekit.compat import check_compatible, check_token_types, sae_record
 from saekit.errors import UserError
+from saekit.integrity import check_safetensors, read_json_object
 from saekit.sae.model import SparseAutoencoder
 
 SAE_CFG_FILENAME = "cfg.json"  # sae_lens.constants.SAE_CFG_FILENAME
@@ -91,19 +92,35 @@ def read_sae_cfg(directory: str | Path) -> dict[str, Any]:
     directory = Path(directory)
     path = directory / SAE_CFG_FILENAME
     if not path.is_file():
-        what = "does not exist" if not directory.exists() else f"has no {SAE_CFG_FILENAME}"
+        what = ("does not exist" if not directory.exists() else "is a file, not a folder"
+                if not directory.is_dir() else f"has no {SAE_CFG_FILENAME}")
         raise UserError(f"SAE folder {directory} {what}; train one with `saekit train` or "
                         "point at a folder written by sae-lens's save_model")
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise UserError(f"{path}: not valid JSON ({err.msg} at line {err.lineno})") from None
+    cfg = read_json_object(path, fields={"d_in": int, "d_sae": int, "architecture": str},
+                           fix="restore the SAE folder or train it again")
+    if cfg["d_in"] < 1 or cfg["d_sae"] < 1:
+        raise UserError(f"{path}: d_in and d_sae must be >= 1, got {cfg['d_in']} and {cfg['d_sae']}")
+    return cfg
+
+
+_INFO_OBJECTS = ("model", "layer", "training", "normalization", "data")
 
 
 def read_sae_info(directory: str | Path) -> dict[str, Any]:
     """saekit.json of an SAE folder ({} when the folder was written by another tool)."""
     path = Path(directory) / SAEKIT_INFO_FILENAME
-    return json.loads(path.read_text()) if path.is_file() else {}
+    if not path.exists():
+        return {}
+    info = read_json_object(path, fix="restore the SAE folder or train it again")
+    layer = info.get("layer")
+    if isinstance(layer, int) and not isinstance(layer, bool):  # a bare layer number: its names
+        info["layer"] = {"hf_hidden_states_index": layer,
+                         "transformer_lens_hook": f"blocks.{layer - 1}.hook_resid_post"}
+    for key in _INFO_OBJECTS:
+        if key in info and not isinstance(info[key], dict):
+            raise UserError(f"{path}: field '{key}' must be an object, got "
+                            f"{type(info[key]).__name__}; restore the SAE folder or train it again")
+    return info
 
 
 def _describe_layer(cfg: dict[str, Any], info: dict[str, Any]) -> str:
@@ -135,25 +152,46 @@ def _check_supported(path: Path, cfg: dict[str, Any]) -> None:
         raise UserError(f"{path}: reshape_activations={cfg['reshape_activations']!r} is not supported")
 
 
+def sae_compat(directory: str | Path) -> dict[str, Any]:
+    """The SAE folder's compatibility record (`saekit.compat.sae_record`)."""
+    return sae_record(read_sae_cfg(directory), read_sae_info(directory))
+
+
 def load_sae(directory: str | Path, *, expected_d_in: int | None = None, target: str | None = None,
+             given: dict[str, Any] | None = None, allow_mismatch: bool = False,
+             token_types: tuple[str, ...] | None = None,
              device: str | torch.device = "cpu", dtype: torch.dtype | None = None) -> LoadedSAE:
     """Read an SAE folder (saekit's or sae-lens's standard / topk format).
 
     expected_d_in: width of the activations the SAE will encode; a different d_in is a
     one-line UserError naming both widths and layers (`target` describes the caller's
-    activations, e.g. "layer 16 of llava-1.5-13b").
+    activations, e.g. "layer 16 of llava-1.5-13b"), even with `allow_mismatch`.
+    given: the compatibility record of those activations (`saekit.compat`): another model,
+    fingerprint, layer or normalisation, or `token_types` the SAE was not trained on, is a
+    UserError naming both unless `allow_mismatch`. Weights must be whole and finite.
     """
     directory = Path(directory)
     cfg, info = read_sae_cfg(directory), read_sae_info(directory)
     _check_supported(directory / SAE_CFG_FILENAME, cfg)
+    if given is not None:
+        record = sae_record(cfg, info)
+        check_compatible(record, f"SAE {directory}", given, target or "the activations",
+                         allow_mismatch=allow_mismatch)
+        check_token_types(record.get("token_types"), token_types or given.get("token_types") or (),
+                          f"SAE {directory}", allow_mismatch=allow_mismatch)
     if expected_d_in is not None:
         check_d_in(directory, cfg, info, expected_d_in, target)
     weights_path = directory / SAE_WEIGHTS_FILENAME
     if not weights_path.is_file():
         raise UserError(f"SAE folder {directory} has no {SAE_WEIGHTS_FILENAME}")
+    check_safetensors(weights_path, fix="restore the SAE folder or train it again")
     with safe_open(str(weights_path), framework="pt", device="cpu") as handle:
         weights = {name: handle.get_tensor(name) for name in handle.keys()}
-    dtype = dtype or getattr(torch, cfg.get("dtype", "float32").replace("torch.", ""))
+    dtype_name = str(cfg.get("dtype", "float32")).replace("torch.", "")
+    if dtype is None and dtype_name not in DTYPE_NAMES.values():
+        raise UserError(f"{directory / SAE_CFG_FILENAME}: dtype {cfg.get('dtype')!r} is not one of "
+                        f"{', '.join(DTYPE_NAMES.values())}")
+    dtype = dtype or getattr(torch, dtype_name)
     sae = SparseAutoencoder(d_in=int(cfg["d_in"]), d_sae=int(cfg["d_sae"]),
                             architecture=cfg["architecture"], k=cfg.get("k"),
                             apply_b_dec_to_input=bool(cfg.get("apply_b_dec_to_input", True)),
@@ -171,6 +209,9 @@ def _load_weights(sae: SparseAutoencoder, weights: dict[str, torch.Tensor], path
             if name not in weights or weights[name].shape != param.shape:
                 got = tuple(weights[name].shape) if name in weights else "missing"
                 raise UserError(f"{path}: {name} is {got}, cfg.json implies {tuple(param.shape)}")
+            if not bool(torch.isfinite(weights[name]).all()):
+                raise UserError(f"{path}: {name} holds NaN or infinite values (a diverged or "
+                                "damaged SAE); retrain it, e.g. with a lower --lr")
             param.copy_(weights[name])
 
 

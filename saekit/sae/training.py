@@ -9,7 +9,6 @@ uninterrupted run writes.
 
 from __future__ import annotations
 
-import json
 import math
 import shutil
 import sys
@@ -22,7 +21,7 @@ import torch
 from torch import Tensor
 
 from saekit.errors import UserError
-from saekit.run import check_resume, config_record
+from saekit.run import MetricsLog, check_resume, config_record
 from saekit.sae.checkpoint import (CHECKPOINT_DIR, TrainerState, latest_checkpoint, load_checkpoint,
                                    save_checkpoint)
 from saekit.sae.config import SAETrainConfig, memory_estimate
@@ -41,7 +40,8 @@ class TrainingData(NamedTuple):
     d_in: int
     """Width of the activations."""
     record: dict[str, Any]
-    """What they are: {"model": {...}, "layer": {...layer_metadata}, "token_types": [...], "data": {...}}."""
+    """What they are: {"model": {...}, "layer": {...layer_metadata}, "token_types": [...],
+    "compat": {...} (`saekit.compat`, the SAE's own record), "data": {...}}."""
 
 
 def lr_at(cfg: SAETrainConfig, step: int) -> float:
@@ -143,28 +143,6 @@ def estimate_input_stats(cfg: SAETrainConfig, data: TrainingData) -> InputStats:
         raise UserError("no activations to estimate the normalisation from: the data is empty")
     scale = math.sqrt(data.d_in) / (norm_sum / count) if cfg.normalize != "none" else 1.0
     return InputStats(scale, row_sum / count * scale)
-
-
-class MetricsLog:
-    """metrics.jsonl, appended line by line; lines past a resumed checkpoint are dropped."""
-
-    def __init__(self, path: Path, keep_until_step: int):
-        self.path = path
-        kept: list[str] = []
-        if path.is_file() and keep_until_step > 0:
-            for line in path.read_text().splitlines():
-                try:
-                    if json.loads(line)["step"] <= keep_until_step:
-                        kept.append(line + "\n")
-                except (json.JSONDecodeError, KeyError, TypeError):
-                    break  # a line cut short by the interruption
-        path.write_text("".join(kept))
-        self.last: dict[str, Any] | None = json.loads(kept[-1]) if kept else None
-
-    def append(self, line: dict[str, Any]) -> None:
-        with self.path.open("a") as handle:
-            handle.write(json.dumps(line) + "\n")
-        self.last = line
 
 
 def _say(progress: bool, message: str) -> None:
@@ -281,6 +259,7 @@ def _saved_records(cfg: SAETrainConfig, data: TrainingData, trainer: SAETrainer,
         "saekit_version": saekit.__version__, "architecture": cfg.architecture,
         "d_in": data.d_in, "d_sae": cfg.d_sae, "k": cfg.k if cfg.architecture == "topk" else None,
         "model": model, "layer": layer, "token_types": list(cfg.token_types),
+        "compat": data.record.get("compat"),
         "data": data.record.get("data", {}), "normalization": normalization,
         "training": {"steps": trainer.step, "tokens": trainer.tokens,
                      "final_metrics": last_metrics, "config": record},

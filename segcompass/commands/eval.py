@@ -22,18 +22,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     import dataclasses
 
-    import torch
-
     from saekit.argparse_dataclass import config_from_args
     from saekit.models import resolve_device
+    from saekit.run import apply_threads
     from segcompass.evaluate import EvalConfig, run_evaluation, write_results
     from segcompass.model import load_segcompass
     from segcompass.predictor import PredictorConfig
 
     cfg = config_from_args(EvalConfig, args)
     predictor_cfg = config_from_args(PredictorConfig, args)
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
+    apply_threads(cfg.threads)
     model = load_segcompass(cfg.checkpoint, device=resolve_device(cfg.device))
     results = run_evaluation(model, cfg.splits, cfg.n, cfg.seed, config=predictor_cfg,
                              progress=not args.no_progress)

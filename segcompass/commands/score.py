@@ -3,7 +3,8 @@
 GT_DIR holds `<stem>.json` (LabelMe-style, ReasonSeg) + `<stem>.jpg|png`; its ground truth
 is drawn exactly as LISA draws it. PRED_DIR holds `<stem>.png` masks, any non-zero pixel
 foreground (RGB: any channel; the alpha of RGBA/LA is not read); a missing prediction
-is an empty mask. Prints gIoU, cIoU, N-acc, T-acc and the sample counts.
+is an empty mask, but a PRED_DIR with no prediction for any sample is refused (a wrong
+folder, most likely) unless --allow-empty. Prints gIoU, cIoU, N-acc, T-acc and the sample counts.
 """
 
 from __future__ import annotations
@@ -37,6 +38,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true",
                         help="Print one JSON object (fractions, null where undefined) "
                              "instead of a table.")
+    parser.add_argument("--allow-empty", action="store_true",
+                        help="Score even when PRED_DIR holds no prediction at all (all empty masks).")
 
 
 def read_prediction(path: Path) -> np.ndarray:
@@ -48,20 +51,27 @@ def read_prediction(path: Path) -> np.ndarray:
             elif im.mode in ("LA", "PA"):  # the grey level / palette index, not the alpha
                 im = im.getchannel(0)
             arr = np.asarray(im)
-    except OSError as err:
+    except (OSError, Image.DecompressionBombError) as err:
         raise UserError(f"{path}: cannot read the predicted mask ({err})") from None
     return arr.any(axis=2) if arr.ndim == 3 else arr != 0
 
 
-def score_folders(gt_dir: Path, pred_dir: Path) -> FolderScores:
+def score_folders(gt_dir: Path, pred_dir: Path, *, allow_empty: bool = True) -> FolderScores:
+    """Score PRED_DIR against GT_DIR; `allow_empty` False refuses a PRED_DIR that holds no
+    prediction for any sample."""
     from tqdm import tqdm
 
     from segcompass.data.reasonseg import find_image, image_size, list_samples, read_truth
     from segcompass.metrics import MetricAccumulator
 
     if not pred_dir.is_dir():
-        raise UserError(f"{pred_dir}: prediction folder not found")
+        what = "is a file, not a folder" if pred_dir.exists() else "prediction folder not found"
+        raise UserError(f"{pred_dir}: {what}")
     json_paths = list_samples(gt_dir)
+    if not allow_empty and not any((pred_dir / f"{p.stem}.png").is_file() for p in json_paths):
+        raise UserError(f"{pred_dir}: holds no prediction for any of the {len(json_paths)} sample(s) of "
+                        f"{gt_dir} (e.g. {json_paths[0].stem}.png); check the folder, or pass "
+                        "--allow-empty to score every sample as an empty mask")
     acc, n_missing = MetricAccumulator(), 0
     for json_path in tqdm(json_paths, desc="scoring", unit="sample", disable=None):
         height, width = image_size(find_image(json_path))
@@ -86,7 +96,7 @@ def _pct(value: float) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    result = score_folders(Path(args.gt_dir), Path(args.pred_dir))
+    result = score_folders(Path(args.gt_dir), Path(args.pred_dir), allow_empty=args.allow_empty)
     s = result.scores
     if args.json:
         out = dict(s.as_dict(), missing_predictions=result.n_missing,

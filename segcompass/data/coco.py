@@ -129,11 +129,11 @@ def load_image_rgb(path: str | Path) -> np.ndarray:
     """(H, W, 3) uint8 RGB, EXIF orientation applied (as `cv2.imread`, which LISA uses)."""
     path = Path(path)
     if not path.is_file():
-        raise UserError(f"{path}: image not found")
+        raise UserError(f"{path}: {'is a folder, not an image' if path.is_dir() else 'image not found'}")
     try:
         with Image.open(path) as im:
             return np.asarray(ImageOps.exif_transpose(im).convert("RGB"))
-    except OSError as err:
+    except (OSError, Image.DecompressionBombError) as err:
         raise UserError(f"{path}: cannot read the image ({err})") from None
 
 

@@ -55,6 +55,10 @@ class ReasonSegTruth(NamedTuple):
         return self.raster.label_map == IGNORE_VALUE
 
 
+MAX_COORDINATE = 2 ** 31
+"""Polygon coordinates must fit LISA's int32 (past it the cast is undefined)."""
+
+
 def find_image(json_path: Path) -> Path:
     """The image beside `json_path` (same stem); UserError if there is none."""
     for suffix in IMAGE_SUFFIXES:
@@ -71,7 +75,7 @@ def image_size(path: Path) -> tuple[int, int]:
             width, height = im.size
             if im.getexif().get(0x0112, 1) in (5, 6, 7, 8):  # rotated by 90 degrees
                 width, height = height, width
-    except OSError as err:
+    except (OSError, Image.DecompressionBombError) as err:
         raise UserError(f"{path}: cannot read the image ({err})") from None
     return height, width
 
@@ -95,8 +99,9 @@ def read_shapes(anno: dict, path: Path) -> list[Shape]:
         if not isinstance(points, list) or not all(
                 isinstance(p, (list, tuple)) and len(p) == 2
                 and all(isinstance(c, (int, float)) and not isinstance(c, bool)
-                        and math.isfinite(c) for c in p) for p in points):
-            raise UserError(f"{where}.points' must be a list of finite [x, y] pairs")
+                        and math.isfinite(c) and abs(c) < MAX_COORDINATE for c in p) for p in points):
+            raise UserError(f"{where}.points' must be a list of finite [x, y] pairs within "
+                            f"+-{MAX_COORDINATE} (LISA reads them as int32)")
         if len(points) < 3:
             raise UserError(f"{where}.points' has {len(points)} point(s); a polygon needs "
                             "at least 3")

@@ -69,6 +69,12 @@ def check_refs(refs: Any, path: Path) -> list[dict]:
             if field not in ref:
                 raise UserError(f"{path}: ref #{k} (ref_id {ref.get('ref_id')}) lacks field "
                                 f"'{field}'")
+        for field in ("image_id", "ann_id"):  # ann_id: a list of ids in gRefCOCO
+            value = ref[field]
+            ids = value if field == "ann_id" and isinstance(value, list) else [value]
+            if not all(_is_id(v) for v in ids):
+                raise UserError(f"{path}: ref_id {ref['ref_id']}: field '{field}' = {value!r} is "
+                                "not an integer id")
         sentences = ref["sentences"]
         if not isinstance(sentences, list) or not all(
                 isinstance(s, dict) and isinstance(s.get("sent", s.get("raw")), str)
@@ -78,9 +84,18 @@ def check_refs(refs: Any, path: Path) -> list[dict]:
     return refs
 
 
+def _is_id(value: Any) -> bool:
+    """An int, or a str holding one (not a bool or float)."""
+    if isinstance(value, str):
+        return value.strip().lstrip("-").isdigit()
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
 def select_split(refs: list[dict], split: str, path: Path) -> list[dict]:
     """Refs of `split`; UserError listing the splits the file holds if it has none."""
     valid = sorted({str(r["split"]) for r in refs})
+    if not valid:
+        raise UserError(f"{path}: holds no refs at all; it is empty or cut short")
     if split not in valid:
         raise UserError(f"{path}: unknown split '{split}'; this file has: {', '.join(valid)}")
     return [r for r in refs if r["split"] == split]

@@ -58,9 +58,8 @@ from typing import Any
 
 import torch
 
-from saekit.atomic import atomic_write_text
 from saekit.errors import UserError
-from saekit.run import check_resume, config_record
+from saekit.run import apply_threads, check_resume, config_record, truncate_log
 from segcompass.training.common import GRPO_STATE, WorldPrompts, per_device_rows
 from segcompass.training.grpo_trainer import JsonlLog, Progress, SegCompassGRPOTrainer, StopAfter
 
@@ -127,8 +126,7 @@ def train_grpo(cfg, *, progress: bool = True, stop_after: int | None = None) -> 
     from saekit.models import resolve_device
     from segcompass.model import build_segcompass, save_segcompass
 
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
+    apply_threads(cfg.threads)
     device = resolve_device(cfg.device)
     out = Path(cfg.out)
     trl_dir = out / TRL_DIR
@@ -139,7 +137,7 @@ def train_grpo(cfg, *, progress: bool = True, stop_after: int | None = None) -> 
     if checkpoint is not None:
         check_resume(json.loads((checkpoint / GRPO_STATE).read_text())["config"], cfg, f"train: {checkpoint}")
     model = build_segcompass(cfg.model_config(), policy_path=cfg.policy, sae_path=cfg.sae, sam_path=cfg.sam_path,
-                             seed=cfg.seed, device=device)
+                             seed=cfg.seed, device=device, allow_mismatch=cfg.allow_mismatch)
     callbacks = [JsonlLog(out / "metrics.jsonl"),
                  Progress(progress, f"grpo {cfg.mode}", cfg.rl_prompts * cfg.group_size)]
     if stop_after is not None:
@@ -150,7 +148,7 @@ def train_grpo(cfg, *, progress: bool = True, stop_after: int | None = None) -> 
     trainer.remove_callback(PrinterCallback)  # metrics.jsonl and the bar replace the printed dicts
     _broadcast_side(trainer)
     if trainer.accelerator.is_main_process:
-        _trim_metrics(out / "metrics.jsonl", 0 if checkpoint is None else int(checkpoint.name.rsplit("-", 1)[1]))
+        truncate_log(out / "metrics.jsonl", 0 if checkpoint is None else int(checkpoint.name.rsplit("-", 1)[1]))
     trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
     if trainer.state.global_step < cfg.steps:
         return latest_checkpoint(trl_dir)
@@ -160,14 +158,6 @@ def train_grpo(cfg, *, progress: bool = True, stop_after: int | None = None) -> 
                         record={"steps": cfg.steps, "mode": cfg.mode, "config": config_record(cfg)})
     trainer.accelerator.wait_for_everyone()
     return final
-
-
-def _trim_metrics(path: Path, step: int) -> None:
-    """Keep the records of steps <= `step` (the run restarts there; later ones will be redone)."""
-    if not path.is_file():
-        return
-    kept = [line for line in path.read_text().splitlines() if line and json.loads(line).get("step", 0) <= step]
-    atomic_write_text(path, "".join(line + "\n" for line in kept))
 
 
 def _broadcast_side(trainer) -> None:

@@ -10,7 +10,6 @@ run sees exactly the data the uninterrupted one would have.
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,14 +17,15 @@ from typing import Literal, NamedTuple
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 from saekit.atomic import (atomic_directory, atomic_write_json, load_optimizer_state,
                            optimizer_state_tensors, resolve_directory)
 from saekit.errors import UserError
+from saekit.integrity import load_safetensors, read_json_object
 from saekit.models import resolve_device
-from saekit.run import RunConfig, check_resume, config_record, free_on_resume
+from saekit.run import MetricsLog, RunConfig, apply_threads, check_resume, config_record, free_on_resume
 from segcompass.training.batching import SegBatch, batch_from_samples
 from segcompass.training.common import check_grpo_config, param_groups  # noqa: F401 (param_groups re-exported)
 from segcompass.world.scenes import WorldSample, hallucinated_sample, iter_samples
@@ -104,6 +104,8 @@ class TrainConfig(RunConfig):
     """Steps between metrics.jsonl records."""
     checkpoint_every: int = free_on_resume(100)
     """Save a resumable checkpoint every this many steps (and at the end)."""
+    allow_mismatch: bool = free_on_resume(False)
+    """Use an SAE made for another model or layer."""
     # ---- GRPO (modes rl, rl+seg; segcompass.training.grpo). Ignored by mode seg. ----
     group_size: int = 8
     """G: rollouts per prompt (paper: 8)."""
@@ -211,17 +213,17 @@ def train(cfg: TrainConfig, *, progress: bool = True, stop_after: int | None = N
         from segcompass.training.grpo import train_grpo
 
         return train_grpo(cfg, progress=progress, stop_after=stop_after)
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
+    apply_threads(cfg.threads)
     device = resolve_device(cfg.device)
     out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
     checkpoint = resolve_directory(out / "checkpoint", TRAINER_STATE) if cfg.resume else None
     if checkpoint is not None:
         model = load_segcompass(checkpoint, device=device)
     else:
         model = build_segcompass(cfg.model_config(), policy_path=cfg.policy, sae_path=cfg.sae,
-                                 sam_path=cfg.sam_path, seed=cfg.seed, device=device)
+                                 sam_path=cfg.sam_path, seed=cfg.seed, device=device,
+                                 allow_mismatch=cfg.allow_mismatch)
+    out.mkdir(parents=True, exist_ok=True)  # after the pieces are checked: a refusal writes nothing
     optimizer = torch.optim.AdamW(param_groups(model, cfg), weight_decay=cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.OneCycleLR(
         optimizer, max_lr=[g["lr"] for g in optimizer.param_groups], total_steps=cfg.steps,
@@ -229,6 +231,7 @@ def train(cfg: TrainConfig, *, progress: bool = True, stop_after: int | None = N
     start = _restore(checkpoint, cfg, optimizer, scheduler, device) if checkpoint else 0
     if start == 0:
         torch.manual_seed(cfg.seed)
+    metrics = MetricsLog(out / "metrics.jsonl", start)  # lines after the checkpoint are redone
     model.train()
     loss_cfg = cfg.loss_config()
     bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, desc="seg train",
@@ -246,7 +249,7 @@ def train(cfg: TrainConfig, *, progress: bool = True, stop_after: int | None = N
         bar.set_postfix(loss=f"{result.loss.total.item():.3f}", iou=f"{result.match_iou:.2f}")
         done = step + 1
         if done % cfg.log_every == 0 or done == cfg.steps:
-            _log(out, done, result, grad_norm, optimizer, time.perf_counter() - t0)
+            metrics.append(_metrics(done, result, grad_norm, optimizer, time.perf_counter() - t0))
         if done % cfg.checkpoint_every == 0 or done == cfg.steps:
             _save(out / "checkpoint", model, cfg, optimizer, scheduler, done)
         if stop_after is not None and done >= stop_after:
@@ -256,16 +259,14 @@ def train(cfg: TrainConfig, *, progress: bool = True, stop_after: int | None = N
     return final
 
 
-def _log(out: Path, step: int, result: StepResult, grad_norm, optimizer, seconds: float) -> None:
+def _metrics(step: int, result: StepResult, grad_norm, optimizer, seconds: float) -> dict:
     loss = result.loss
-    record = {"step": step, "loss": loss.total.item(), "seg": loss.seg.item(),
+    return {"step": step, "loss": loss.total.item(), "seg": loss.seg.item(),
               "heatmap_bce": loss.heatmap_bce.item(), "mask_dice": loss.mask_dice.item(),
               "conf": loss.conf.item(), "match_iou": result.match_iou, "sae_mse": result.sae_mse, "matched": loss.num_matched,
               "targets": loss.num_targets, "unmatched_targets": loss.num_unmatched_targets,
               "grad_norm": float(grad_norm), "step_seconds": seconds,
               "lr": {g["name"]: g["lr"] for g in optimizer.param_groups}}
-    with open(out / "metrics.jsonl", "a") as handle:
-        handle.write(json.dumps(record) + "\n")
 
 
 def _save(directory: Path, model: SegCompass, cfg: TrainConfig, optimizer, scheduler, step: int) -> None:
@@ -280,9 +281,12 @@ def _save(directory: Path, model: SegCompass, cfg: TrainConfig, optimizer, sched
 
 
 def _restore(directory: Path, cfg: TrainConfig, optimizer, scheduler, device) -> int:
-    state = json.loads((directory / TRAINER_STATE).read_text())
+    fix = f"delete {directory} to start again, or use --no-resume"
+    state = read_json_object(directory / TRAINER_STATE, fields={
+        "step": int, "config": dict, "param_groups": list, "scheduler": dict}, fix=fix)
     check_resume(state["config"], cfg, f"train: {directory}")
-    load_optimizer_state(optimizer, load_file(str(directory / OPTIMIZER_FILE)), state["param_groups"], device)
+    load_optimizer_state(optimizer, load_safetensors(directory / OPTIMIZER_FILE, fix=fix),
+                         state["param_groups"], device)
     scheduler.load_state_dict(state["scheduler"])
-    torch.set_rng_state(load_file(str(directory / RNG_FILE))["torch"])
+    torch.set_rng_state(load_safetensors(directory / RNG_FILE, fix=fix)["torch"])
     return int(state["step"])

@@ -36,7 +36,7 @@ from torch import Tensor, nn
 from saekit.atomic import (atomic_directory, atomic_write_json, load_optimizer_state, optimizer_state_tensors,
                            resolve_directory)
 from saekit.errors import UserError
-from saekit.run import RunConfig, check_resume, config_record, free_on_resume
+from saekit.run import RunConfig, apply_threads, check_resume, config_record, free_on_resume
 
 SAM_DIR, CHECKPOINT_DIR, REPORT_FILE = "sam", "checkpoint", "pretrain.json"
 
@@ -176,8 +176,7 @@ def pretrain_sam(cfg: SamPretrainConfig, *, progress: bool = True, stop_after: i
     from saekit.models import resolve_device
     from segcompass.world.scenes import make_sample
 
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
+    apply_threads(cfg.threads)
     device, out = resolve_device(cfg.device), Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     modules = build_modules(cfg)

@@ -31,7 +31,7 @@ import torch
 from saekit.atomic import (atomic_directory, atomic_write_json, load_optimizer_state, optimizer_state_tensors,
                            resolve_directory)
 from saekit.errors import UserError
-from saekit.run import RunConfig, check_resume, config_record, free_on_resume
+from saekit.run import RunConfig, apply_threads, check_resume, config_record, free_on_resume
 from segcompass.world.prefetch import resolve_workers, step_batches
 from segcompass.world.teacher import (CAPTION_PROMPT, Example, TeacherBatch, caption_example,  # noqa: F401
                                        reference_example, teacher_batch)
@@ -276,8 +276,7 @@ def train(cfg: WarmstartConfig, *, progress: bool = True, stop_after: int | None
 
     start_time = time.perf_counter()
     cfg = cfg.effective()
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
+    apply_threads(cfg.threads)
     device = resolve_device(cfg.device)
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
