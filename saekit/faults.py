@@ -37,6 +37,29 @@ def _os_message(err: OSError) -> str | None:
     return f"{where}: {advice}"
 
 
+_PATH_NAMES = ("path", "file", "filename", "directory", "folder", "checkpoint", "root", "out")
+
+
+def _reading_site(err: BaseException) -> str:
+    """The file a failed reader was reading: a variable called path, directory, ... in the
+    innermost frame that has one (the json module's own excluded), else the innermost
+    project frame's module and line."""
+    import traceback
+    from pathlib import Path
+
+    frames = [(frame, lineno) for frame, lineno in traceback.walk_tb(err.__traceback__)
+              if not frame.f_globals.get("__name__", "").startswith("json")]
+    for frame, _ in reversed(frames):
+        for name in _PATH_NAMES:
+            value = frame.f_locals.get(name)
+            if isinstance(value, (str, Path)) and str(value):
+                return str(value)
+    for frame, lineno in reversed(frames):
+        if frame.f_globals.get("__name__", "").split(".")[0] in ("saekit", "segcompass", "analyses"):
+            return f"a file read at {frame.f_globals['__name__']} line {lineno}"
+    return "a JSON file this command reads"
+
+
 def fault_message(err: BaseException) -> str | None:
     """One line for an expected fault, or None for a bug (the caller re-raises it)."""
     from saekit.errors import UserError
@@ -57,8 +80,10 @@ def fault_message(err: BaseException) -> str | None:
         if match and int(match.group(1)) in _OS_FAULTS:
             return f"{first}: {_OS_FAULTS[int(match.group(1))]}"
         return f"safetensors: {first}; a weights file is damaged or could not be written"
-    if isinstance(err, json.JSONDecodeError):
-        return None  # readers name their file; one that does not is a bug to fix there
+    if isinstance(err, json.JSONDecodeError):  # a reader that did not name its file: find it
+        where = _reading_site(err)
+        return (f"{where}: not valid JSON: {err.msg} (line {err.lineno}, column {err.colno}); the file is "
+                "damaged or not the kind this command reads")
     if isinstance(err, (AssertionError, RuntimeError)) and "CUDA" in str(err) \
             and ("not compiled" in str(err) or "no NVIDIA driver" in str(err)
                  or "no CUDA GPUs" in str(err)):

@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from saekit.atomic import atomic_write_json
+from saekit.atomic import atomic_write_json, normal_permissions
 from saekit.errors import UserError
 from saekit.presets import PRESETS, LoadedModel, ModelPreset, get_preset  # noqa: F401 (re-exported)
 from saekit.tiny import build_tiny
@@ -194,6 +194,7 @@ def save_pretrained(loaded: LoadedModel, directory: str | Path) -> Path:
     loaded.image_processor.save_pretrained(directory)
     if loaded.preset.family == "llava":
         _save_llava_processor(loaded, directory)
+    normal_permissions(directory)  # safetensors writes 0600: other users could not read the weights
     # Written last, via a temporary name: its presence marks a complete folder.
     atomic_write_json(directory / PRESET_FILE, dataclasses.asdict(loaded.preset))
     return directory

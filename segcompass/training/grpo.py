@@ -50,7 +50,6 @@ Output folder (cfg.out):
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 from pathlib import Path
@@ -59,6 +58,7 @@ from typing import Any
 import torch
 
 from saekit.errors import UserError
+from saekit.integrity import read_json_object
 from saekit.run import apply_threads, check_resume, config_record, truncate_log
 from segcompass.training.common import GRPO_STATE, WorldPrompts, per_device_rows
 from segcompass.training.grpo_trainer import JsonlLog, Progress, SegCompassGRPOTrainer, StopAfter
@@ -135,7 +135,9 @@ def train_grpo(cfg, *, progress: bool = True, stop_after: int | None = None) -> 
     trl_dir.mkdir(parents=True, exist_ok=True)
     checkpoint = latest_checkpoint(trl_dir)
     if checkpoint is not None:
-        check_resume(json.loads((checkpoint / GRPO_STATE).read_text())["config"], cfg, f"train: {checkpoint}")
+        state = read_json_object(checkpoint / GRPO_STATE, fields={"config": dict},
+                                 fix=f"delete {checkpoint} to resume from the one before it")
+        check_resume(state["config"], cfg, f"train: {checkpoint}")
     model = build_segcompass(cfg.model_config(), policy_path=cfg.policy, sae_path=cfg.sae, sam_path=cfg.sam_path,
                              seed=cfg.seed, device=device, allow_mismatch=cfg.allow_mismatch)
     callbacks = [JsonlLog(out / "metrics.jsonl"),

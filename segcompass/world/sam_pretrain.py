@@ -22,7 +22,6 @@ loads like the real ones (frozen encoder, trainable decoder).
 from __future__ import annotations
 
 import dataclasses
-import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -252,18 +251,22 @@ def _save(directory: Path, cfg, modules: nn.Module, optimizer, schedule, generat
 
 
 def _restore(directory: Path, cfg, modules: nn.Module, optimizer, schedule, generator) -> int:
-    from safetensors.torch import load_file
+    from saekit.integrity import load_safetensors, read_json_object
 
     found = resolve_directory(directory, "state.json")
     if found is None:
         return 0
-    state = json.loads((found / "state.json").read_text())
+    fix = f"delete {found} to start again, or use --no-resume"
+    state = read_json_object(found / "state.json", fields={
+        "step": int, "config": dict, "param_groups": list, "scheduler": dict}, fix=fix)
     check_resume(state["config"], cfg, f"sam-pretrain: {found}")
     device = next(modules.parameters()).device
-    modules.load_state_dict({k: v.to(device) for k, v in load_file(found / "model.safetensors").items()})
-    load_optimizer_state(optimizer, load_file(found / "optimizer.safetensors"), state["param_groups"], device)
+    weights = load_safetensors(found / "model.safetensors", fix=fix)
+    modules.load_state_dict({k: v.to(device) for k, v in weights.items()})
+    load_optimizer_state(optimizer, load_safetensors(found / "optimizer.safetensors", fix=fix),
+                         state["param_groups"], device)
     schedule.load_state_dict(state["scheduler"])
-    rng = load_file(found / "rng.safetensors")
+    rng = load_safetensors(found / "rng.safetensors", fix=fix)
     torch.set_rng_state(rng["torch"])
     generator.set_state(rng["prompts"])
     return int(state["step"])

@@ -420,14 +420,18 @@ def checkpoint_exists(directory: Path) -> bool:
 
 def load_checkpoint(directory: Path, cfg: WarmstartConfig, model, optimizer, scheduler) -> tuple[int, dict]:
     """Restore a checkpoint into model/optimizer/scheduler/RNG; returns its step and stage-0 record."""
-    from safetensors.torch import load_file
+    from saekit.integrity import load_safetensors, read_json_object
 
     directory = resolve_directory(directory, STATE_FILE)
-    state = json.loads((directory / STATE_FILE).read_text())
+    fix = f"delete {directory} to start again, or use --no-resume"
+    state = read_json_object(directory / STATE_FILE, fields={
+        "step": int, "config": dict, "param_groups": list, "scheduler": dict}, fix=fix)
     check_resume(state["config"], cfg, f"warmstart: {directory}")
     device = next(model.parameters()).device
-    model.load_state_dict({k: v.to(device) for k, v in load_file(directory / WEIGHTS_FILE).items()})
-    load_optimizer_state(optimizer, load_file(directory / OPTIMIZER_FILE), state["param_groups"], device)
+    weights = load_safetensors(directory / WEIGHTS_FILE, fix=fix)
+    model.load_state_dict({k: v.to(device) for k, v in weights.items()})
+    load_optimizer_state(optimizer, load_safetensors(directory / OPTIMIZER_FILE, fix=fix),
+                         state["param_groups"], device)
     scheduler.load_state_dict(state["scheduler"])
-    torch.set_rng_state(load_file(directory / "rng.safetensors")["torch_rng"])
+    torch.set_rng_state(load_safetensors(directory / "rng.safetensors", fix=fix)["torch_rng"])
     return int(state["step"]), state.get("vision_pretraining", {})

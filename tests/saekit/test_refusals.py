@@ -134,6 +134,10 @@ def test_written_files_have_normal_permissions(tmp_path):
     with atomic_directory(tmp_path / "folder") as tmp:
         save_file({"a": torch.zeros(2)}, str(tmp / "w.safetensors"))
     assert (tmp_path / "folder" / "w.safetensors").stat().st_mode & 0o777 == 0o666 & ~umask
+    from saekit.models import load_model, save_pretrained
+
+    saved = save_pretrained(load_model("tiny-llava"), tmp_path / "model")
+    assert (saved / "model.safetensors").stat().st_mode & 0o777 == 0o666 & ~umask
 
 
 def test_failed_writes_leave_nothing_behind(tmp_path):
@@ -169,7 +173,7 @@ def test_logs_resume_at_the_checkpoint(tmp_path):
     assert MetricsLog(path, 1).last == {"step": 1}
 
 
-def test_the_error_boundary_sorts_faults_from_bugs(monkeypatch, capsys):
+def test_the_error_boundary_sorts_faults_from_bugs(monkeypatch, capsys, tmp_path):
     from saekit.cli import main
     import saekit.commands.info
 
@@ -188,6 +192,14 @@ def test_the_error_boundary_sorts_faults_from_bugs(monkeypatch, capsys):
     monkeypatch.setattr(saekit.commands.info, "run", buggy)
     with pytest.raises(ZeroDivisionError):
         main(["info", "anything"])
+
+    def reads_bad_json(args):
+        path = tmp_path / "state.json"
+        path.write_text('{"step": ')
+        return json.loads(path.read_text())  # a reader that does not name its file
+    monkeypatch.setattr(saekit.commands.info, "run", reads_bad_json)
+    assert main(["info", "anything"]) == 2
+    assert capsys.readouterr().err.startswith(f"saekit: error: {tmp_path / 'state.json'}: not valid JSON: ")
 
     def full(args):
         raise disk_full("/data/out/x.bin")
