@@ -298,13 +298,18 @@ def _new_manifest(cfg: CacheConfig, record: dict[str, Any], loaded: "LoadedModel
     }
 
 
+def _unfinished_write(path: Path) -> bool:
+    """A file an interrupted write left: ours end in .tmp, safetensors' own start with .tmp."""
+    return path.is_file() and (path.name.endswith(".tmp") or path.name.startswith(".tmp"))
+
+
 def _existing_manifest(cfg: CacheConfig) -> dict[str, Any] | None:
     """The manifest of a cache already in `cfg.out` (checked against `cfg`, its data file and
     its shards), or None. A folder that holds other files is refused."""
     if cfg.out.exists() and not cfg.out.is_dir():
         raise UserError(f"cache: --out {cfg.out} is a file; give a folder for the cache")
     if not (cfg.out / MANIFEST_NAME).is_file():
-        others = sorted(p.name for p in cfg.out.glob("*") if not p.name.endswith(".tmp")) \
+        others = sorted(p.name for p in cfg.out.iterdir() if not _unfinished_write(p)) \
             if cfg.out.is_dir() else []
         if others:
             raise UserError(f"cache: --out {cfg.out} already holds files that are not a cache "
@@ -350,7 +355,7 @@ def build_cache(cfg: CacheConfig, *, loaded: "LoadedModel | None" = None,
     if loaded is None:
         loaded = load_model(cfg.model, cfg.model_path, device=resolve_device(cfg.device),
                             dtype=None if cfg.model_dtype == "auto" else cfg.model_dtype)
-    for tmp in cfg.out.glob("*.tmp"):
+    for tmp in [p for p in cfg.out.iterdir() if _unfinished_write(p)] if cfg.out.is_dir() else []:
         tmp.unlink()  # a write that an interrupted run never finished
     if manifest is None:
         manifest = _new_manifest(cfg, record, loaded, tuple(layers), source)

@@ -56,6 +56,23 @@ def test_resuming_a_cache_notices_that_its_data_changed(cache, tmp_path):
         build(cfg, progress=False)
 
 
+def test_a_cache_folder_is_ours_or_refused(tmp_path):
+    """What a run killed in its first shard leaves (our .tmp, safetensors' .tmpXXXX) is cleared;
+    a folder holding anything else is refused, so two things never share it."""
+    data = write_data(tmp_path / "data")
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "shard_00000.safetensors.tmp").write_bytes(b"half")
+    (out / ".tmpa1B2c3").write_bytes(b"half")
+    build(_cfg(data, out), progress=False)
+    assert not list(out.glob("*.tmp")) and not list(out.glob(".tmp*")) and ActivationCache(out).complete
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "notes.txt").write_text("mine")
+    with pytest.raises(UserError, match=r"already holds files that are not a cache \(notes\.txt\)"):
+        build(_cfg(data, other), progress=False)
+
+
 def test_a_truncated_shard_is_never_complete(cache, tmp_path, capsys):
     """The trial: `saekit info` called a cache with a truncated shard complete."""
     from saekit.cli import main
