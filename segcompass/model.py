@@ -8,6 +8,8 @@ A checkpoint is a folder (every tensor in safetensors, nothing pickled):
     sae/                    the frozen SAE, sae-lens format (copied so the folder stands alone)
     sam/                    SAM (vision encoder, prompt encoder, mask decoder), `save_pretrained`
     head.safetensors        codebook, aggregator and slot mapper weights
+    lora/                   with --lora-rank: the policy's adapters (peft format); policy/ is then
+                            the untouched base (`segcompass.lora`)
 """
 
 from __future__ import annotations
@@ -67,6 +69,8 @@ class SegCompassConfig:
     """'on' / 'off': override `HeadConfig.policy_image_keys`; 'preset' = the head preset's."""
     head_routing: str = "preset"
     """'paper' / 'concepts': override `HeadConfig.routing`; 'preset' = the head preset's."""
+    lora_rank: int = 0
+    """LoRA adapters of this rank on the policy blocks above `sae_layer` (base frozen); 0 = none."""
 
 
 class SegCompassOutput(NamedTuple):
@@ -114,15 +118,36 @@ class SegCompass(nn.Module):
         self.config, self.head_cfg = config, head_cfg
         self.ref_token_id = ref_token_id(policy)
         freeze_policy_up_to(self.policy, config.sae_layer)
+        if config.lora_rank:
+            from segcompass.lora import add_lora
+
+            add_lora(self.policy, config.sae_layer, config.lora_rank)
+        self.embedding_cache = None
 
     @property
     def sam_input_size(self) -> int:
         return self.backbone.image_size
 
     def image_embeddings(self, images: list[np.ndarray]) -> Tensor:
-        """(B, C, h, w) SAM image embeddings of uint8 RGB images (gradients if the encoder trains)."""
+        """(B, C, h, w) SAM image embeddings of uint8 RGB images (gradients if the encoder trains;
+        a frozen encoder's come from the on-disk cache when `use_embedding_cache` set one)."""
+        device = next(self.head.parameters()).device
+        if self.embedding_cache is not None and not self.backbone.trainable:
+            from segcompass.sam import embed_images
+
+            with torch.autocast(device.type, enabled=False):  # cached in fp32, whatever the run's precision
+                return embed_images(self.backbone, images, cache=self.embedding_cache).to(device)
         pixels = preprocess_images(images, self.sam_input_size).pixel_values
-        return self.backbone(pixels.to(next(self.head.parameters()).device))
+        return self.backbone(pixels.to(device))
+
+    def use_embedding_cache(self, root: str | Path) -> None:
+        """Keep the frozen SAM encoder's embeddings in `root`, keyed by image content and by the
+        preset and encoder weights (`sam.ImageEmbeddingCache`); a trained encoder is never cached."""
+        if self.backbone.trainable:
+            return
+        from segcompass.sam import ImageEmbeddingCache, encoder_fingerprint
+
+        self.embedding_cache = ImageEmbeddingCache(root, f"{self.config.sam_preset}-{encoder_fingerprint(self.sam)}")
 
     def forward(self, batch: ModelBatch, image_embeddings: Tensor,
                 keep_slot_embeddings: Tensor | None = None) -> SegCompassOutput:
@@ -251,7 +276,12 @@ def save_segcompass(model: SegCompass, directory: str | Path, *, sae_path: str |
 
 def write_checkpoint(model: SegCompass, tmp: Path, *, sae_path: str | Path, record: dict | None) -> None:
     """Fill the (empty) folder `tmp` with the checkpoint files."""
-    save_pretrained(model.loaded, tmp / "policy")
+    from segcompass.lora import LORA_DIR, base_layers, has_lora, save_lora
+
+    with base_layers(model.policy):  # with adapters, policy/ is the untouched base
+        save_pretrained(model.loaded, tmp / "policy")
+    if has_lora(model.policy):
+        save_lora(model.policy, tmp / LORA_DIR)
     shutil.copytree(sae_path, tmp / "sae")
     model.sam.save_pretrained(tmp / "sam", safe_serialization=True)
     head_state = {k: v.detach().cpu().contiguous() for k, v in model.head.state_dict().items()
@@ -263,8 +293,10 @@ def write_checkpoint(model: SegCompass, tmp: Path, *, sae_path: str | Path, reco
     (tmp / CONFIG_FILE).write_text(json.dumps(meta, indent=2))
 
 
-def load_segcompass(directory: str | Path, *, device: str | torch.device = "cpu") -> SegCompass:
-    """Read a checkpoint folder written by `save_segcompass`."""
+def load_segcompass(directory: str | Path, *, device: str | torch.device = "cpu",
+                    merge_lora: bool = False) -> SegCompass:
+    """Read a checkpoint folder written by `save_segcompass`; `merge_lora` folds LoRA adapters
+    into the policy's weights (the model then saves as a plain checkpoint)."""
     directory = Path(directory)
     meta_path = directory / CONFIG_FILE
     if not meta_path.is_file():
@@ -299,7 +331,15 @@ def load_segcompass(directory: str | Path, *, device: str | torch.device = "cpu"
     if own_missing or unexpected:
         raise UserError(f"{directory / HEAD_WEIGHTS}: weights do not match the head config "
                         f"(missing {own_missing[:3]}, unexpected {unexpected[:3]})")
-    return SegCompass(policy=policy, sae=sae, head=head, sam=sam, config=config, head_cfg=head_cfg)
+    model = SegCompass(policy=policy, sae=sae, head=head, sam=sam, config=config, head_cfg=head_cfg)
+    if config.lora_rank:
+        from segcompass import lora
+
+        lora.load_lora_weights(model.policy, directory / lora.LORA_DIR)
+        if merge_lora:
+            lora.merge_lora(model.policy)
+            model.config = dataclasses.replace(config, lora_rank=0)
+    return model
 
 
 def _load_sam_folder(folder: Path, device: str | torch.device) -> nn.Module:

@@ -18,10 +18,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from saekit.argparse_dataclass import config_from_args
+    from segcompass.data.sources import parse_data
+    from segcompass.model import checkpoint_record
     from segcompass.training.supervised import TrainConfig, train
 
     cfg = config_from_args(TrainConfig, args)
     final = train(cfg, progress=not args.no_progress)
     print(f"train: checkpoint -> {final}")
-    print(f"  next: segcompass eval --checkpoint {final} --out {cfg.out}/eval")
+    counts = checkpoint_record(final).get("counts") or {}
+    if counts.get("self_generated"):
+        print(f"  own responses: {counts['self_generated']}, skipped without <REF_POS>: "
+              f"{counts.get('skipped_no_ref', 0)}; refs without a mask skipped: {counts.get('skipped_empty_target', 0)}")
+    first = parse_data(cfg.data[0])
+    data = "" if first.kind == "world" else f" --data {first.kind}:{first.path} --split val"
+    print(f"  next: segcompass eval --checkpoint {final}{data} --out {cfg.out}/eval")
     return 0

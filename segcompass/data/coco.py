@@ -4,7 +4,7 @@ of annotations (polygons or RLE, via pycocotools), images, and a lazy sample seq
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -146,6 +146,20 @@ def load_coco_image(image_dir: Path, record: dict, where: str) -> np.ndarray:
         raise UserError(f"{image_dir / file_name}: image is {image.shape[1]}x{image.shape[0]} "
                         f"but {where} says {expected[1]}x{expected[0]}")
     return image
+
+
+def check_image_files(image_dir: Path, instances: CocoInstances, image_ids: Iterable[int], where: str) -> None:
+    """UserError naming the first missing image file (and how many are missing) among the
+    images of `image_ids`, before any sample is built: a long run fails at its start."""
+    missing = []
+    for image_id in dict.fromkeys(int(i) for i in image_ids):
+        record = image_record(instances, image_id, where)
+        file_name = record.get("file_name") or "COCO_train2014_%012d.jpg" % image_id
+        if not (image_dir / file_name).is_file():
+            missing.append(image_dir / file_name)
+    if missing:
+        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+        raise UserError(f"{missing[0]}: image not found{more}; {where} refers to it")
 
 
 class LazySamples(Sequence):

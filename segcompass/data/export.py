@@ -215,8 +215,9 @@ def _sentences(sample: SegSample, next_sent_id: int) -> list[dict]:
 class _CocoWriter:
     """Accumulates COCO images / annotations / categories, deduplicating images and masks."""
 
-    def __init__(self, image_dir: Path, segmentation: str, jpeg_quality: int):
+    def __init__(self, image_dir: Path, segmentation: str, jpeg_quality: int, image_format: str = "jpg"):
         self.image_dir, self.segmentation, self.jpeg_quality = image_dir, segmentation, jpeg_quality
+        self.image_format = image_format
         self.images: list[dict] = []
         self.annotations: list[dict] = []
         self.categories: dict[str, int] = {}
@@ -228,7 +229,7 @@ class _CocoWriter:
                            + str(image.shape).encode()).hexdigest()
         if key not in self._image_ids:
             image_id = len(self._image_ids) + 1
-            file_name = "COCO_train2014_%012d.jpg" % image_id
+            file_name = "COCO_train2014_%012d.%s" % (image_id, self.image_format)
             _write_image(self.image_dir / file_name, image, self.jpeg_quality)
             self.images.append({"id": image_id, "file_name": file_name,
                                 "height": int(image.shape[0]), "width": int(image.shape[1])})
@@ -308,13 +309,14 @@ def _export_coco_refs(samples: Iterable[SegSample], writer: _CocoWriter, multi: 
 def export_refcoco(samples: Iterable[SegSample], root: str | Path, *, dataset: str = "refcoco",
                    split_by: str = "unc", segmentation: Literal["polygon", "rle"] = "polygon",
                    image_dir: str | Path | None = None, default_split: str = "val",
-                   jpeg_quality: int = 95) -> ExportSummary:
-    """RefCOCO-style dataset under `root`; a sample's split is `meta['split']`."""
+                   jpeg_quality: int = 95, image_format: Literal["jpg", "png"] = "jpg") -> ExportSummary:
+    """RefCOCO-style dataset under `root`; a sample's split is `meta['split']`. `image_format`
+    png writes lossless `COCO_train2014_%012d.png` files (instances.json names them)."""
     from segcompass.data.refcoco import default_image_dir
 
     root = Path(root)
     writer = _CocoWriter(Path(image_dir) if image_dir else default_image_dir(root),
-                         segmentation, jpeg_quality)
+                         segmentation, jpeg_quality, image_format)
     refs, dropped, n = _export_coco_refs(samples, writer, False, default_split)
     _write_atomic(root / dataset / f"refs({split_by}).p", pickle.dumps(refs, protocol=2))
     _write_atomic(root / dataset / "instances.json", json.dumps(writer.instances()).encode())
@@ -324,13 +326,15 @@ def export_refcoco(samples: Iterable[SegSample], root: str | Path, *, dataset: s
 def export_grefcoco(samples: Iterable[SegSample], root: str | Path, *,
                     segmentation: Literal["polygon", "rle"] = "polygon",
                     image_dir: str | Path | None = None, default_split: str = "val",
-                    jpeg_quality: int = 95, dataset: str = "grefcoco") -> ExportSummary:
-    """gRefCOCO-style dataset under `root` (multi-target and no-target refs)."""
+                    jpeg_quality: int = 95, dataset: str = "grefcoco",
+                    image_format: Literal["jpg", "png"] = "jpg") -> ExportSummary:
+    """gRefCOCO-style dataset under `root` (multi-target and no-target refs); `image_format`
+    as `export_refcoco`."""
     from segcompass.data.grefcoco import default_image_dir
 
     root = Path(root)
     writer = _CocoWriter(Path(image_dir) if image_dir else default_image_dir(root),
-                         segmentation, jpeg_quality)
+                         segmentation, jpeg_quality, image_format)
     refs, dropped, n = _export_coco_refs(samples, writer, True, default_split)
     _write_atomic(root / dataset / "grefs(unc).json", json.dumps(refs).encode())
     _write_atomic(root / dataset / "instances.json", json.dumps(writer.instances()).encode())

@@ -15,7 +15,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from saekit.errors import UserError
-from segcompass.data.coco import CocoInstances, LazySamples, image_record, read_instances, read_json
+from segcompass.data.coco import (CocoInstances, LazySamples, check_image_files, image_record, read_instances,
+                                  read_json)
 from segcompass.data.refcoco import build_ref_sample, check_refs, refs_file, select_split
 from segcompass.data.safe_pickle import load_plain
 
@@ -51,8 +52,10 @@ def target_ann_ids(ref: dict, instances: CocoInstances, path: Path) -> list[int]
 
 
 def load_grefcoco(root: str | Path, split: str = "val", split_by: str = "unc",
-                  image_dir: str | Path | None = None, dataset: str = "grefcoco") -> LazySamples:
-    """The refs of one gRefCOCO split as lazily built SegSamples (one per ref)."""
+                  image_dir: str | Path | None = None, dataset: str = "grefcoco",
+                  check_images: bool = False) -> LazySamples:
+    """The refs of one gRefCOCO split as lazily built SegSamples (one per ref); `check_images`
+    refuses up front when an image file is missing."""
     path = refs_file(root, dataset, split_by, stem="grefs", suffixes=(".json", ".p"))
     refs = read_json(path) if path.suffix == ".json" else load_plain(path)
     refs = select_split(check_refs(refs, path), split, path)
@@ -62,6 +65,8 @@ def load_grefcoco(root: str | Path, split: str = "val", split_by: str = "unc",
     for ref in refs:  # validate every ref up front: errors name the file, ref and field
         image_record(instances, int(ref["image_id"]), f"{path}: ref_id {ref['ref_id']}")
         targets[id(ref)] = target_ann_ids(ref, instances, path)
+    if check_images:
+        check_image_files(images, instances, [r["image_id"] for r in refs], f"{path} (split {split})")
 
     def build(ref: dict):
         sample = build_ref_sample(ref, instances, images, path, dataset, targets[id(ref)])

@@ -20,8 +20,8 @@ from typing import Any
 import numpy as np
 
 from saekit.errors import UserError
-from segcompass.data.coco import (CocoInstances, LazySamples, annotation_mask, image_record,
-                                  load_coco_image, read_instances)
+from segcompass.data.coco import (CocoInstances, LazySamples, annotation_mask, check_image_files,
+                                  image_record, load_coco_image, read_instances)
 from segcompass.data.safe_pickle import load_plain
 from segcompass.data.sample import SegSample
 
@@ -131,11 +131,13 @@ def build_ref_sample(ref: dict, instances: CocoInstances, image_dir: Path, refs_
 
 
 def load_refcoco(root: str | Path, dataset: str = "refcoco", split_by: str | None = None,
-                 split: str = "val", image_dir: str | Path | None = None) -> LazySamples:
+                 split: str = "val", image_dir: str | Path | None = None,
+                 check_images: bool = False) -> LazySamples:
     """The refs of one split of RefCOCO/+/g as lazily built SegSamples (one per ref).
 
     `split_by` defaults to unc (refcoco, refcoco+) or umd (refcocog); `image_dir` to the
-    refer API's `<root>/images/mscoco/images/train2014`.
+    refer API's `<root>/images/mscoco/images/train2014`. `check_images`: refuse up front
+    when an image file is missing (otherwise the sample that needs it raises).
     """
     path = refs_file(root, dataset, split_by)
     refs = select_split(check_refs(load_plain(path), path), split, path)
@@ -146,5 +148,7 @@ def load_refcoco(root: str | Path, dataset: str = "refcoco", split_by: str | Non
             raise UserError(f"{path}: ref_id {ref['ref_id']}: field 'ann_id' = {ref['ann_id']} "
                             f"is not an annotation id in {instances.path}")
         image_record(instances, int(ref["image_id"]), f"{path}: ref_id {ref['ref_id']}")
+    if check_images:
+        check_image_files(images, instances, [r["image_id"] for r in refs], f"{path} (split {split})")
     return LazySamples(refs, lambda ref: build_ref_sample(
         ref, instances, images, path, dataset, [int(ref["ann_id"])]))

@@ -86,26 +86,28 @@ def reward_config(cfg) -> RewardConfig:
 
 
 class WorldPrompts:
-    """World samples 0..n-1 of `split` as TRL prompt rows (image + conversational prompt).
+    """Training samples 0..n-1 as TRL prompt rows (image + conversational prompt): world samples
+    of `split`, or the rows of a `segcompass.data.sources.TrainStream` (`--data`) when given.
 
     Row i is sample i, so GRPO step s reads samples s*P .. s*P+P-1 like the `seg` mode.
     `dataset()` is the `datasets.Dataset` TRL iterates: it stores only the indices and
-    renders each row on access (a world sample is a pure function of seed, split, index).
+    renders each row on access (a sample is a pure function of the sources, seed and index).
     """
 
-    def __init__(self, split: str, n: int, seed: int):
-        self.split, self.n, self.seed = split, n, seed
+    def __init__(self, split: str, n: int, seed: int, stream=None):
+        self.split, self.n, self.seed, self.stream = split, n, seed, stream
         self._cache: dict[int, Any] = {}
 
     def sample(self, index: int):
-        """World sample `index` (kept for the G rows and the loss that read it)."""
+        """Sample `index` (kept for the G rows and the loss that read it)."""
         from segcompass.world.scenes import make_sample
 
         index = int(index)
         if index not in self._cache:
             if len(self._cache) >= 256:
                 self._cache.clear()
-            self._cache[index] = make_sample(self.split, index, self.seed)
+            self._cache[index] = (self.stream[index] if self.stream is not None
+                                  else make_sample(self.split, index, self.seed))
         return self._cache[index]
 
     def rows(self, batch: dict[str, list]) -> dict[str, list]:
@@ -150,11 +152,15 @@ def make_format_reward(tokenizer, eos_ids: list[int]):
 
 
 def side_state(model) -> dict[str, Tensor]:
-    """Head (codebook, aggregator, slot mapper) and SAM weights: what TRL's model lacks."""
+    """Head (codebook, aggregator, slot mapper) and SAM weights: what TRL's model lacks; with
+    LoRA also the policy's adapters (TRL's own policy save does not load back into them)."""
+    from segcompass.lora import adapter_state, has_lora
     from segcompass.model import _HEAD_OWN_PREFIXES
 
     state = {f"head.{k}": v for k, v in model.head.state_dict().items() if k.startswith(_HEAD_OWN_PREFIXES)}
     state.update({f"sam.{k}": v for k, v in model.sam.state_dict().items()})
+    if has_lora(model.policy):
+        state.update({f"lora.{k}": v for k, v in adapter_state(model.policy).items()})
     return {k: v.detach().cpu().clone() for k, v in state.items()}  # clone: SAM shares one tensor twice
 
 
@@ -162,6 +168,11 @@ def load_side_state(model, path: Path) -> None:
     tensors = load_file(str(path))
     head = {k[5:]: v for k, v in tensors.items() if k.startswith("head.")}
     sam = {k[4:]: v for k, v in tensors.items() if k.startswith("sam.")}
+    lora = {k[5:]: v for k, v in tensors.items() if k.startswith("lora.")}
+    if lora:
+        from segcompass.lora import load_adapter_state
+
+        load_adapter_state(model.policy, lora, str(path))
     model.sam.load_state_dict(sam, strict=True)
     missing, unexpected = model.head.load_state_dict(head, strict=False)
     if unexpected or [k for k in missing if not k.startswith("mask_decoder.")]:

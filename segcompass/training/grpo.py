@@ -60,6 +60,7 @@ import torch
 from saekit.errors import UserError
 from saekit.integrity import read_json_object
 from saekit.run import apply_threads, check_resume, config_record, truncate_log
+from segcompass.data.sources import TrainStream, parse_data_list
 from segcompass.training.common import GRPO_STATE, WorldPrompts, per_device_rows
 from segcompass.training.grpo_trainer import JsonlLog, Progress, SegCompassGRPOTrainer, StopAfter
 
@@ -106,7 +107,8 @@ def grpo_args(cfg, output_dir: Path, device: torch.device):
         logging_steps=cfg.log_every, save_strategy="steps", save_steps=cfg.checkpoint_every, save_total_limit=2,
         seed=cfg.seed, data_seed=cfg.seed, report_to="none", disable_tqdm=True, shuffle_dataset=False,
         remove_unused_columns=False, dataloader_num_workers=0, log_completions=False,
-        use_cpu=device.type == "cpu", bf16=device.type == "cuda", activation_checkpointing=device.type == "cuda",
+        use_cpu=device.type == "cpu", bf16=cfg.bf16 and device.type == "cuda",
+        activation_checkpointing=cfg.act_checkpointing and device.type == "cuda",
         mask_truncated_completions=False, **_vllm_args(cfg))
 
 
@@ -140,12 +142,16 @@ def train_grpo(cfg, *, progress: bool = True, stop_after: int | None = None) -> 
         check_resume(state["config"], cfg, f"train: {checkpoint}")
     model = build_segcompass(cfg.model_config(), policy_path=cfg.policy, sae_path=cfg.sae, sam_path=cfg.sam_path,
                              seed=cfg.seed, device=device, allow_mismatch=cfg.allow_mismatch)
+    if cfg.sam_path is not None:  # frozen pretrained encoder: embeddings computed once, kept on disk
+        model.use_embedding_cache(cfg.sam_cache or out / "sam_cache")
+    rows = cfg.steps * cfg.rl_prompts
+    stream = TrainStream(parse_data_list(cfg.data), seed=cfg.seed, total=rows, split_by=cfg.split_by)
     callbacks = [JsonlLog(out / "metrics.jsonl"),
                  Progress(progress, f"grpo {cfg.mode}", cfg.rl_prompts * cfg.group_size)]
     if stop_after is not None:
         callbacks.append(StopAfter(stop_after))
     trainer = SegCompassGRPOTrainer(segcompass=model, cfg=cfg, args=grpo_args(cfg, trl_dir, device),
-                                    train_dataset=WorldPrompts("train", cfg.steps * cfg.rl_prompts, cfg.seed),
+                                    train_dataset=WorldPrompts("train", rows, cfg.seed, stream=stream),
                                     processing_class=build_processor(model.loaded, cfg.policy), callbacks=callbacks)
     trainer.remove_callback(PrinterCallback)  # metrics.jsonl and the bar replace the printed dicts
     _broadcast_side(trainer)

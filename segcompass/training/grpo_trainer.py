@@ -147,6 +147,9 @@ class SegCompassGRPOTrainer(GRPOTrainer):
         index = inputs["sample_index"].tolist()
         with torch.set_grad_enabled(self.train_seg and torch.is_grad_enabled()):
             out = head_pass(self.segcompass, forward, batch, self._image_embeddings(index))
+        # rollouts without a <REF_POS>: their slots read the last token (the format reward is 0)
+        self._metrics["train" if self.model.training else "eval"]["rollouts/no_ref"].append(
+            float((out.slots.slots_written == 0).float().mean()))
         targets = [self._targets(i) for i in index]
         multi = [self.world.sample(i).multi_prompt for i in index]
         mask_r = mask_rewards(out.head.mask_logits, out.head.confidence_logits, targets, multi,
@@ -260,7 +263,8 @@ class SegCompassGRPOTrainer(GRPOTrainer):
 
     def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
         super()._load_from_checkpoint(resume_from_checkpoint, model)
-        if not (self.is_fsdp_enabled or self.is_deepspeed_enabled):
+        # With LoRA the base never changes and the adapters come back from side.safetensors.
+        if not (self.is_fsdp_enabled or self.is_deepspeed_enabled or self.segcompass.config.lora_rank):
             load_policy_weights(self.segcompass.policy, Path(resume_from_checkpoint))
         load_side_state(self.segcompass, Path(resume_from_checkpoint) / SIDE_WEIGHTS)
 

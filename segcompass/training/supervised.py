@@ -4,8 +4,11 @@ SAE frozen; policy frozen up to the SAE layer (the layer-L states it feeds the S
 change); blocks above it, the head and SAM's decoder train. AdamW (wd 0.01) with per-module
 learning-rate multipliers (paper: x25 codebook, x80 slot mapper, x10 mask decoder over the
 MLLM's base rate), OneCycle schedule, gradient clip 1.0. Each step reads the next
-`batch_size` samples of the world's `train` split (deterministic by seed), so a resumed
-run sees exactly the data the uninterrupted one would have.
+`batch_size` samples of the training stream (`--data`: the world's `train` split by default,
+or RefCOCO/+/g, gRefCOCO, ReasonSeg and weighted mixtures, `segcompass.data.sources`),
+deterministic by seed, so a resumed run sees exactly the data the uninterrupted one would
+have. World samples are teacher-forced on their chain of thought; dataset samples, which
+have none, train on the policy's own responses (`segcompass.training.self_generated`).
 """
 
 from __future__ import annotations
@@ -26,12 +29,15 @@ from saekit.errors import UserError
 from saekit.integrity import load_safetensors, read_json_object
 from saekit.models import resolve_device
 from saekit.run import MetricsLog, RunConfig, apply_threads, check_resume, config_record, free_on_resume
-from segcompass.training.batching import SegBatch, batch_from_samples
+from segcompass.data.sources import TrainStream, parse_data_list
+from segcompass.training.batching import SegBatch, batch_from_samples  # noqa: F401 (batch_from_samples re-exported)
+from segcompass.training.scale import autocast_context, prepare_model
+from segcompass.training.self_generated import check_sources, step_batch
 from segcompass.training.common import check_grpo_config, param_groups  # noqa: F401 (param_groups re-exported)
-from segcompass.world.scenes import WorldSample, hallucinated_sample, iter_samples
+from segcompass.world.scenes import WorldSample, hallucinated_sample
 from segcompass.training.losses import SegLossConfig, SegLossOutput, segmentation_loss
-from segcompass.model import (SegCompass, SegCompassConfig, build_segcompass, load_segcompass,
-                              save_segcompass, write_checkpoint)
+from segcompass.model import (SegCompass, SegCompassConfig, build_segcompass, checkpoint_record,
+                              load_segcompass, save_segcompass, write_checkpoint)
 
 TRAINER_STATE = "trainer.json"
 OPTIMIZER_FILE = "optimizer.safetensors"
@@ -47,9 +53,15 @@ class TrainConfig(RunConfig):
     sae: Path
     """SAE folder for the policy's layer `sae_layer`."""
     out: Path = free_on_resume(Path("runs/segcompass"))
-    """Output folder: checkpoint/, final/, metrics.jsonl."""
+    """Output folder (see below)."""
     mode: Literal["seg", "rl", "rl+seg"] = "seg"
-    """seg: mask loss on teacher-forced reasoning; rl: GRPO; rl+seg: both (Table 4)."""
+    """seg, rl (GRPO) or rl+seg (Table 4)."""
+    data: tuple[str, ...] = ("world",)
+    """Sources (docs/real-data.md)."""
+    split_by: str | None = None
+    """RefCOCO refs file: unc, umd or google."""
+    responses: str = "auto"
+    """seg on: teacher, greedy, sampled."""
     sae_layer: int = 2
     """Policy layer the SAE reads."""
     policy_preset: str = "tiny-llava"
@@ -57,25 +69,33 @@ class TrainConfig(RunConfig):
     head_preset: str = "tiny-llava"
     """Head dimensions preset."""
     sam_preset: str = "sam-tiny-16"
-    """SAM preset; sam-vit-* load from --sam-path (frozen encoder)."""
+    """SAM preset (see --sam-path)."""
     sam_path: Path | None = None
     """Folder of a pretrained SAM (facebook/sam-vit-*)."""
+    sam_cache: Path | None = free_on_resume(None)
+    """SAM embedding cache; default OUT/sam_cache."""
+    lora_rank: int = 0
+    """LoRA rank of the policy (0: none)."""
+    bf16: bool = True
+    """bf16 autocast (GPU only)."""
+    act_checkpointing: bool = free_on_resume(True)
+    """Checkpoint activations (GPU only)."""
     key_kernel: int = 0
-    """Slot-mapper key kernel (odd); 0 = the preset's."""
+    """Key kernel (odd); 0 = the preset's."""
     policy_image_keys: Literal["preset", "on", "off"] = "preset"
-    """Slot-mapper keys also read the policy's image tokens."""
+    """Keys add policy image tokens."""
     head_routing: Literal["preset", "paper", "concepts"] = "preset"
     """Slot mapper reads raw states ('paper') or SAE atoms only ('concepts'); 'preset' = the preset's."""
     steps: int = 900
     """Optimizer steps."""
     batch_size: int = 16
-    """World samples per step."""
+    """Samples per step."""
     lr: float = 2e-5
     """Base learning rate (paper: 2e-6)."""
     policy_lr_mult: float = 1.0
     """LR multiplier: policy (paper: 1)."""
     codebook_lr_mult: float = 25.0
-    """LR multiplier: codebook, aggregator."""
+    """LR mult.: codebook, aggregator."""
     slot_mapper_lr_mult: float = 80.0
     """LR multiplier: slot mapper."""
     decoder_lr_mult: float = 10.0
@@ -99,14 +119,14 @@ class TrainConfig(RunConfig):
     slot_embedding_dropout: float = 0.0
     """Chance per sample that e_k is zeroed (masks from SAE atoms alone)."""
     hallucination_share: float = 0.0
-    """Chance per sample of its hallucinated twin (seg)."""
+    """Share of hallucinated twins (seg)."""
     log_every: int = free_on_resume(10)
     """Steps between metrics.jsonl records."""
     checkpoint_every: int = free_on_resume(100)
-    """Save a resumable checkpoint every this many steps (and at the end)."""
+    """Steps between checkpoints."""
     allow_mismatch: bool = free_on_resume(False)
     """Use an SAE made for another model or layer."""
-    # ---- GRPO (modes rl, rl+seg; segcompass.training.grpo). Ignored by mode seg. ----
+    # ---- GRPO (modes rl, rl+seg; segcompass.training.grpo); seg own responses read temperature, max_new_tokens ----
     group_size: int = 8
     """G: rollouts per prompt (paper: 8)."""
     rl_prompts: int = 2
@@ -116,7 +136,7 @@ class TrainConfig(RunConfig):
     clip_epsilon: float = 0.2
     """PPO ratio clip epsilon."""
     temperature: float = 1.0
-    """Rollout sampling temperature."""
+    """Sampling temperature."""
     max_new_tokens: int = 96
     """Longest rollout, in tokens."""
     format_reward_weight: float = 0.3
@@ -124,11 +144,11 @@ class TrainConfig(RunConfig):
     mask_reward_weight: float = 0.7
     """w_mask of the reward (Table 6)."""
     confidence_threshold: float = 0.5
-    """Reward counts slots with sigmoid(c_k) >= this."""
+    """Reward's slot confidence threshold."""
     grad_accum: int = 1
     """Micro-batches per step and process."""
     rollout_engine: Literal["generate", "vllm-colocate", "vllm-server"] = "generate"
-    """HF generate, or TRL's vLLM (GPU; docs/multi_gpu.md)."""
+    """vLLM: see docs/multi_gpu.md."""
 
     def __post_init__(self) -> None:
         for name in ("steps", "batch_size", "log_every", "checkpoint_every"):
@@ -149,13 +169,14 @@ class TrainConfig(RunConfig):
             raise UserError(f"train: need --lr > 0 and 0 < --pct-start < 1 (got {self.lr}, {self.pct_start})")
         if self.mode != "seg":
             check_grpo_config(self)
+        check_sources(self)
 
     def model_config(self) -> SegCompassConfig:
         return SegCompassConfig(policy_preset=self.policy_preset, sae_layer=self.sae_layer,
                                 head_preset=self.head_preset, sam_preset=self.sam_preset,
                                 train_sam_encoder=self.sam_path is None, key_kernel=self.key_kernel,
                                 policy_image_keys=self.policy_image_keys,
-                                head_routing=self.head_routing)
+                                head_routing=self.head_routing, lora_rank=self.lora_rank)
 
     def loss_config(self) -> SegLossConfig:
         return SegLossConfig(seg_weight=self.seg_weight, conf_weight=self.conf_weight,
@@ -180,16 +201,23 @@ def slot_embedding_keep(cfg: TrainConfig, step: int, batch_size: int) -> torch.T
     return torch.rand(batch_size, generator=generator) >= cfg.slot_embedding_dropout
 
 
-def step_samples(cfg: TrainConfig, step: int) -> list[WorldSample]:
-    """World `train` samples step*B .. step*B + B-1, each replaced by its hallucinated twin with
-    probability `hallucination_share` (own generator keyed by seed and step: resumable, and
-    torch's RNG untouched)."""
-    samples = list(iter_samples("train", cfg.batch_size, cfg.seed, step * cfg.batch_size))
+def train_stream(cfg: TrainConfig, total: int) -> TrainStream:
+    """The run's training samples (`--data`), `total` positions long."""
+    return TrainStream(parse_data_list(cfg.data), seed=cfg.seed, total=total, split_by=cfg.split_by)
+
+
+def step_samples(cfg: TrainConfig, step: int, stream: TrainStream | None = None) -> list:
+    """Training samples step*B .. step*B + B-1 of `stream` (default: the config's), each world
+    sample replaced by its hallucinated twin with probability `hallucination_share` (own
+    generator keyed by seed and step: resumable, and torch's RNG untouched)."""
+    stream = stream or train_stream(cfg, cfg.steps * cfg.batch_size)
+    samples = [stream[step * cfg.batch_size + j] for j in range(cfg.batch_size)]
     if cfg.hallucination_share == 0:
         return samples
     rng = np.random.default_rng([cfg.seed, step, 0x4A11])
     swap = rng.random(len(samples)) < cfg.hallucination_share  # (B,)
-    return [(hallucinated_sample(s, rng) or s) if flip else s for s, flip in zip(samples, swap)]
+    return [(hallucinated_sample(s, rng) or s) if flip and isinstance(s, WorldSample) else s
+            for s, flip in zip(samples, swap)]
 
 
 def seg_step(model: SegCompass, batch: SegBatch, loss_cfg: SegLossConfig,
@@ -232,36 +260,51 @@ def train(cfg: TrainConfig, *, progress: bool = True, stop_after: int | None = N
     if start == 0:
         torch.manual_seed(cfg.seed)
     metrics = MetricsLog(out / "metrics.jsonl", start)  # lines after the checkpoint are redone
+    stream = train_stream(cfg, cfg.steps * cfg.batch_size)
+    counts = dict(checkpoint_record(checkpoint).get("counts", {})) if checkpoint else {}
+    empty_before = counts.get("skipped_empty_target", 0)
+    prepare_model(model, cfg, device, out)
     model.train()
     loss_cfg = cfg.loss_config()
     bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, desc="seg train",
                disable=not progress)
     for step in bar:
-        batch = batch_from_samples(model, step_samples(cfg, step))
         t0 = time.perf_counter()
-        result = seg_step(model, batch, loss_cfg, slot_embedding_keep(cfg, step, cfg.batch_size))
+        batch, keep = step_batch(model, cfg, step, step_samples(cfg, step, stream),
+                                 slot_embedding_keep(cfg, step, cfg.batch_size), counts)
+        counts["skipped_empty_target"] = empty_before + stream.skipped_empty
         optimizer.zero_grad(set_to_none=True)
-        result.loss.total.backward()
+        result = None  # stays None when no response carried <REF_POS>: no update, the schedule moves on
+        if batch is not None:
+            with autocast_context(cfg, device):
+                result = seg_step(model, batch, loss_cfg, keep)
+            result.loss.total.backward()
+            bar.set_postfix(loss=f"{result.loss.total.item():.3f}", iou=f"{result.match_iou:.2f}")
         grad_norm = torch.nn.utils.clip_grad_norm_(
             [p for g in optimizer.param_groups for p in g["params"]], cfg.grad_clip)
         optimizer.step()
         scheduler.step()
-        bar.set_postfix(loss=f"{result.loss.total.item():.3f}", iou=f"{result.match_iou:.2f}")
         done = step + 1
         if done % cfg.log_every == 0 or done == cfg.steps:
-            metrics.append(_metrics(done, result, grad_norm, optimizer, time.perf_counter() - t0))
+            metrics.append(_metrics(done, result, grad_norm, optimizer, time.perf_counter() - t0, counts))
         if done % cfg.checkpoint_every == 0 or done == cfg.steps:
-            _save(out / "checkpoint", model, cfg, optimizer, scheduler, done)
+            _save(out / "checkpoint", model, cfg, optimizer, scheduler, done, counts)
         if stop_after is not None and done >= stop_after:
             return out / "checkpoint"
     final = out / "final"
-    save_segcompass(model, final, sae_path=cfg.sae, record={"steps": cfg.steps, "config": config_record(cfg)})
+    save_segcompass(model, final, sae_path=cfg.sae, record={"steps": cfg.steps, "config": config_record(cfg),
+                                                            "counts": counts})
     return final
 
 
-def _metrics(step: int, result: StepResult, grad_norm, optimizer, seconds: float) -> dict:
+def _metrics(step: int, result: StepResult | None, grad_norm, optimizer, seconds: float,
+             counts: dict[str, int] | None = None) -> dict:
+    counted = {k: int(v) for k, v in sorted((counts or {}).items())}  # run totals: skips, own responses
+    if result is None:
+        return {"step": step, "skipped_step": True, **counted, "step_seconds": seconds,
+                "lr": {g["name"]: g["lr"] for g in optimizer.param_groups}}
     loss = result.loss
-    return {"step": step, "loss": loss.total.item(), "seg": loss.seg.item(),
+    return {"step": step, **counted, "loss": loss.total.item(), "seg": loss.seg.item(),
               "heatmap_bce": loss.heatmap_bce.item(), "mask_dice": loss.mask_dice.item(),
               "conf": loss.conf.item(), "match_iou": result.match_iou, "sae_mse": result.sae_mse, "matched": loss.num_matched,
               "targets": loss.num_targets, "unmatched_targets": loss.num_unmatched_targets,
@@ -269,10 +312,11 @@ def _metrics(step: int, result: StepResult, grad_norm, optimizer, seconds: float
               "lr": {g["name"]: g["lr"] for g in optimizer.param_groups}}
 
 
-def _save(directory: Path, model: SegCompass, cfg: TrainConfig, optimizer, scheduler, step: int) -> None:
-    """Model, optimizer, scheduler, RNG and step in one folder, swapped in atomically."""
+def _save(directory: Path, model: SegCompass, cfg: TrainConfig, optimizer, scheduler, step: int,
+          counts: dict[str, int] | None = None) -> None:
+    """Model, optimizer, scheduler, RNG, step and run counts in one folder, swapped in atomically."""
     with atomic_directory(directory) as tmp:
-        write_checkpoint(model, tmp, sae_path=cfg.sae, record={"steps_done": step})
+        write_checkpoint(model, tmp, sae_path=cfg.sae, record={"steps_done": step, "counts": dict(counts or {})})
         tensors, groups = optimizer_state_tensors(optimizer)
         save_file(tensors, str(tmp / OPTIMIZER_FILE))
         save_file({"torch": torch.get_rng_state()}, str(tmp / RNG_FILE))
