@@ -24,6 +24,7 @@ def describe_sae(directory: Path) -> dict[str, Any]:
     training = info.get("training", {})
     return {
         "kind": "sae", "path": str(directory), "architecture": cfg.get("architecture"),
+        "training_architecture": meta.get("training_architecture"),
         "d_in": cfg.get("d_in"), "d_sae": cfg.get("d_sae"), "k": cfg.get("k"),
         "dtype": cfg.get("dtype"), "model": info.get("model", {}).get("name") or meta.get("model_name"),
         "layer": layer.get("hf_hidden_states_index", meta.get("hf_hidden_states_index")),

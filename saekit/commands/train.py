@@ -10,13 +10,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     from saekit.sae.config import SAETrainConfig
 
     parser.epilog = (
-        "Examples: saekit train --cache runs/cache --out runs/sae;  saekit train --model "
-        "llava-1.5-7b --model-path DIR --layer 16 --data data.jsonl --out runs/sae. "
-        "Writes an sae-lens folder (cfg.json + sae_weights.safetensors, loadable with "
-        "sae_lens.SAE.load_from_disk), saekit.json and metrics.jsonl. Re-running the same "
-        "command after an interruption resumes from the last checkpoint and gives the same "
-        "files as an uninterrupted run. d_sae 65536 is the default: the memory it needs is "
-        "printed before training starts.")
+        "Example: saekit train --cache runs/cache --architecture batchtopk --k 64 --out runs/sae. "
+        "Writes an sae-lens folder (SAE.load_from_disk); re-running resumes.")
     add_config_args(parser, SAETrainConfig)
     parser.add_argument("--no-progress", action="store_true",
                         help="Hide the progress bar and status messages.")

@@ -20,7 +20,9 @@ from saekit.inputs import token_type_codes
 from saekit.errors import UserError
 from saekit.run import free_on_resume
 
-Architecture = Literal["standard", "topk"]
+Architecture = Literal["standard", "topk", "batchtopk", "jumprelu", "matryoshka"]
+TOPK_FAMILY = ("topk", "batchtopk", "matryoshka")
+"""Architectures trained by the sparse TopK fast path (`saekit.sae.sparse_step`), with AuxK."""
 Normalization = Literal["none", "expected_average_only_in"]
 GIB = 1024 ** 3
 
@@ -44,11 +46,23 @@ class SAETrainConfig:
     token_types: tuple[str, ...] = ("image", "prompt", "response")
     """Token types to train on, of image, prompt, response, special (BOS is an outlier)."""
     architecture: Architecture = "standard"
-    """standard: ReLU + decoder-norm L1 (the paper's); topk: TopK + AuxK."""
+    """standard: ReLU+L1 (paper); topk/batchtopk/matryoshka: +AuxK; jumprelu: +L0"""
     d_sae: int = 65536
     """Number of SAE latents (the memory it needs is printed before training)."""
     k: int = 64
-    """topk: active latents per token."""
+    """TopK family: latents per token."""
+    matryoshka_widths: tuple[int, ...] | None = None
+    """matryoshka: nested widths (d_sae/16, /4, /1)."""
+    topk_threshold_lr: float = 0.01
+    """batchtopk: threshold EMA rate."""
+    l0_coefficient: float = 1.0
+    """jumprelu: weight of the L0 penalty."""
+    l0_warmup_steps: int = 0
+    """jumprelu: L0 weight warm-up steps."""
+    bandwidth: float = 0.05
+    """jumprelu: STE bandwidth ε."""
+    threshold_init: float = 0.01
+    """jumprelu: initial threshold θ."""
     l1_coefficient: float = 5.0
     """standard: α of the sparsity term α·Σ_i f_i·‖W_dec,i‖₂."""
     lr: float = 5e-5
@@ -102,7 +116,18 @@ class SAETrainConfig:
         _check_positive(self, ("d_sae", "k", "batch_size", "training_tokens", "log_every",
                                "norm_estimate_batches", "dead_tokens_window", "samples_per_forward"))
         _check_non_negative(self, ("l1_coefficient", "warmup_steps", "grad_clip", "weight_decay",
-                                   "aux_coefficient", "checkpoint_every"))
+                                   "aux_coefficient", "checkpoint_every", "l0_coefficient",
+                                   "l0_warmup_steps", "threshold_init"))
+        if not 0 < self.topk_threshold_lr <= 1:
+            raise UserError(f"topk_threshold_lr must be in (0, 1], got {self.topk_threshold_lr}")
+        if not self.bandwidth > 0:
+            raise UserError(f"bandwidth must be > 0, got {self.bandwidth}")
+        if self.matryoshka_widths is not None:
+            widths = list(self.matryoshka_widths)
+            if (not widths or widths[0] < 1 or widths[-1] > self.d_sae
+                    or any(a >= b for a, b in zip(widths, widths[1:]))):
+                raise UserError(f"matryoshka_widths must increase strictly within 1..d_sae "
+                                f"({self.d_sae}), got {widths}")
         if not self.lr > 0:
             raise UserError(f"lr must be > 0, got {self.lr}")
         if not 0 <= self.lr_end_ratio <= 1:
@@ -110,7 +135,7 @@ class SAETrainConfig:
         for name in ("adam_beta1", "adam_beta2"):
             if not 0 <= getattr(self, name) < 1:
                 raise UserError(f"{name} must be in [0, 1), got {getattr(self, name)}")
-        if self.architecture == "topk" and self.k > self.d_sae:
+        if self.architecture in TOPK_FAMILY and self.k > self.d_sae:
             raise UserError(f"k ({self.k}) must not exceed d_sae ({self.d_sae})")
         if self.aux_k is not None and self.aux_k < 1:
             raise UserError(f"aux_k must be >= 1, got {self.aux_k}")
@@ -128,6 +153,14 @@ class SAETrainConfig:
         token_type_codes(self.token_types)  # validates the names
         if self.layer is not None and self.layer < 1:
             raise UserError(f"layer must be >= 1 (HF hidden_states index), got {self.layer}")
+
+    @property
+    def levels(self) -> tuple[int, ...]:
+        """Matryoshka level widths ending at d_sae (the outer level is the whole SAE)."""
+        if self.architecture != "matryoshka":
+            return (self.d_sae,)
+        widths = self.matryoshka_widths or (self.d_sae // 16, self.d_sae // 4)
+        return tuple(w for w in dict.fromkeys(widths) if 0 < w < self.d_sae) + (self.d_sae,)
 
     @property
     def total_steps(self) -> int:
@@ -174,11 +207,12 @@ def memory_estimate(d_in: int, d_sae: int, batch_size: int, architecture: Archit
                     bytes_per_value: int = 4) -> MemoryEstimate:
     """Device memory of training an SAE of this shape (weights, gradients, AdamW, one batch).
 
-    topk keeps autograd's activations: about three more (batch, d_sae) tensors (top-k
-    scatter, AuxK selection and its gradient) than the standard fast path's two.
+    The TopK family's sparse path holds one (batch, d_sae) pre-activation buffer and the
+    top-k selections; jumprelu keeps autograd's activations (about five such tensors).
     """
-    n_params = 2 * d_in * d_sae + d_sae + d_in
-    wide_buffers = 2 if architecture == "standard" else 5
+    thresholds = d_sae if architecture not in ("standard", "topk") else 0  # JumpReLU's θ
+    n_params = 2 * d_in * d_sae + d_sae + d_in + thresholds
+    wide_buffers = {"standard": 2, "jumprelu": 5}.get(architecture, 1)
     rows = batch_size * (wide_buffers * (d_sae + 1) + 4 * (d_in + 1))
     return MemoryEstimate(parameters=n_params * bytes_per_value, gradients=n_params * bytes_per_value,
                           adam=2 * n_params * bytes_per_value, activations=rows * bytes_per_value)

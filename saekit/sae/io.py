@@ -1,7 +1,9 @@
 """SAE folders in the sae-lens 6 format, plus saekit's sidecar.
 
-    DIR/cfg.json                   sae-lens inference config (architecture standard | topk)
+    DIR/cfg.json                   sae-lens inference config (architecture standard | topk |
+                                   jumprelu; BatchTopK and Matryoshka save as jumprelu)
     DIR/sae_weights.safetensors    W_enc (d_in, d_sae), b_enc (d_sae,), W_dec (d_sae, d_in), b_dec (d_in,)
+                                   (+ threshold (d_sae,) for jumprelu)
     DIR/saekit.json                what saekit knows: model preset, layer in every naming,
                                    token types, data, normalisation, training summary
 
@@ -79,7 +81,7 @@ def save_sae(sae: SparseAutoencoder, directory: str | Path, *, metadata: dict[st
     """
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    weights = {name: getattr(sae, name).detach().contiguous().cpu() for name in WEIGHT_NAMES}
+    weights = {name: getattr(sae, name).detach().contiguous().cpu() for name in weight_names(sae)}
     with atomic_file(directory / SAE_WEIGHTS_FILENAME) as tmp:
         save_file(weights, str(tmp), metadata={"format": "pt"})
     atomic_write_json(directory / SAE_CFG_FILENAME, sae_lens_cfg(sae, metadata))
@@ -142,9 +144,9 @@ def check_d_in(directory: Path, cfg: dict[str, Any], info: dict[str, Any], expec
 
 
 def _check_supported(path: Path, cfg: dict[str, Any]) -> None:
-    if cfg.get("architecture") not in ("standard", "topk"):
+    if cfg.get("architecture") not in ("standard", "topk", "jumprelu"):
         raise UserError(f"{path}: architecture {cfg.get('architecture')!r} is not supported by "
-                        "saekit (standard, topk)")
+                        "saekit (standard, topk, jumprelu)")
     if cfg.get("normalize_activations", "none") not in ("none", "expected_average_only_in"):
         raise UserError(f"{path}: normalize_activations={cfg['normalize_activations']!r} is not "
                         "supported; fold the normalisation into the weights first")
@@ -202,9 +204,14 @@ def load_sae(directory: str | Path, *, expected_d_in: int | None = None, target:
     return LoadedSAE(sae.eval(), cfg, info)
 
 
+def weight_names(sae: SparseAutoencoder) -> tuple[str, ...]:
+    """The tensors of `sae` in sae_weights.safetensors (sae-lens's state-dict names)."""
+    return WEIGHT_NAMES + (("threshold",) if sae.architecture == "jumprelu" else ())
+
+
 def _load_weights(sae: SparseAutoencoder, weights: dict[str, torch.Tensor], path: Path) -> None:
     with torch.no_grad():
-        for name in WEIGHT_NAMES:
+        for name in weight_names(sae):
             param = getattr(sae, name)
             if name not in weights or weights[name].shape != param.shape:
                 got = tuple(weights[name].shape) if name in weights else "missing"

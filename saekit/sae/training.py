@@ -24,10 +24,11 @@ from saekit.errors import UserError
 from saekit.run import MetricsLog, check_resume, config_record
 from saekit.sae.checkpoint import (CHECKPOINT_DIR, TrainerState, latest_checkpoint, load_checkpoint,
                                    save_checkpoint)
-from saekit.sae.config import SAETrainConfig, memory_estimate
+from saekit.sae.config import TOPK_FAMILY, SAETrainConfig, memory_estimate
 from saekit.sae.io import SAEKIT_INFO_FILENAME, read_sae_info, save_sae
-from saekit.sae.losses import StandardFastStep, StepStats, topk_step
-from saekit.sae.model import SparseAutoencoder
+from saekit.sae.losses import StepStats
+from saekit.sae.model import INFERENCE_ARCHITECTURE, SparseAutoencoder
+from saekit.sae.steps import SPARSITY_METRIC, after_optimizer_step, build_step, new_sae
 
 METRICS_FILE = "metrics.jsonl"
 
@@ -61,15 +62,12 @@ class SAETrainer:
     def __init__(self, cfg: SAETrainConfig, d_in: int, device: torch.device):
         self.cfg, self.device = cfg, device
         dtype = getattr(torch, cfg.dtype)
-        self.sae = SparseAutoencoder(d_in=d_in, d_sae=cfg.d_sae, architecture=cfg.architecture,
-                                     k=cfg.k, dtype=dtype, device=device)
-        self.sae.init_weights_(torch.Generator().manual_seed(cfg.seed))
+        self.sae = new_sae(cfg, d_in, dtype, device)
         self.optimizer = torch.optim.AdamW(
-            self.sae.parameters(), lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2),
-            weight_decay=cfg.weight_decay, fused=True)
-        self.fast_step = (StandardFastStep(self.sae, cfg.batch_size, cfg.l1_coefficient)
-                          if cfg.architecture == "standard" else None)
+            [p for p in self.sae.parameters() if p.requires_grad], lr=cfg.lr,
+            betas=(cfg.adam_beta1, cfg.adam_beta2), weight_decay=cfg.weight_decay, fused=True)
         self.aux_k = cfg.aux_k or max(d_in // 2, 1)
+        self.step_fn = build_step(cfg, self.sae, self.aux_k)
         self.step = 0
         self.tokens = 0
         self.input_scale = 1.0
@@ -86,17 +84,11 @@ class SAETrainer:
             x = x * self.input_scale
         for group in self.optimizer.param_groups:
             group["lr"] = lr_at(self.cfg, self.step)
-        if self.fast_step is not None:
-            stats = self.fast_step(x, want_l0=want_l0)
-        else:
-            stats = topk_step(self.sae, x, self.dead(), aux_k=self.aux_k,
-                              aux_coefficient=self.cfg.aux_coefficient, want_l0=want_l0)
+        stats = self.step_fn(x, self.dead(), self.step, want_l0)
         if self.cfg.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(self.sae.parameters(), self.cfg.grad_clip)
         self.optimizer.step()
-        if self.cfg.architecture == "topk":  # unit decoder rows keep the top-k choice meaningful
-            with torch.no_grad():
-                self.sae.W_dec.div_(self.sae.W_dec.norm(dim=1, keepdim=True))
+        after_optimizer_step(self.cfg, self.sae)
         self.since_fired.add_(x.shape[0]).masked_fill_(stats.fired, 0)
         self.step += 1
         self.tokens += x.shape[0]
@@ -109,7 +101,9 @@ class SAETrainer:
                 "l0": stats.l0.item() if stats.l0 is not None else None,
                 "dead_fraction": self.dead().float().mean().item(),
                 "lr": self.optimizer.param_groups[0]["lr"]}
-        line["l1" if self.cfg.architecture == "standard" else "aux_loss"] = stats.sparsity.item()
+        line[SPARSITY_METRIC.get(self.cfg.architecture, "aux_loss")] = stats.sparsity.item()
+        if self.cfg.architecture in ("batchtopk", "matryoshka"):
+            line["threshold"] = self.sae.threshold[0].item()
         return line
 
     def state(self, record: dict[str, Any]) -> TrainerState:
@@ -227,8 +221,8 @@ def _loop(cfg: SAETrainConfig, data: TrainingData, trainer: SAETrainer, metrics:
 def _finish(cfg: SAETrainConfig, data: TrainingData, trainer: SAETrainer, metrics: MetricsLog,
             record: dict[str, Any]) -> None:
     """Fold the input scale into a copy of the weights, write the folder, drop checkpoints."""
-    sae = SparseAutoencoder(d_in=data.d_in, d_sae=cfg.d_sae, architecture=cfg.architecture, k=cfg.k,
-                            dtype=trainer.sae.W_enc.dtype)
+    sae = SparseAutoencoder(d_in=data.d_in, d_sae=cfg.d_sae, k=cfg.k, dtype=trainer.sae.W_enc.dtype,
+                            architecture=INFERENCE_ARCHITECTURE[cfg.architecture])
     sae.load_state_dict({k: v.detach().cpu() for k, v in trainer.sae.state_dict().items()})
     sae.fold_input_scale_(trainer.input_scale)
     metadata, info = _saved_records(cfg, data, trainer, metrics.last, record)
@@ -253,11 +247,11 @@ def _saved_records(cfg: SAETrainConfig, data: TrainingData, trainer: SAETrainer,
         "hf_hidden_states_index": layer.get("hf_hidden_states_index"),
         "saekit_module_path": layer.get("module_path"),
         "saekit_token_types": list(cfg.token_types), "saekit_normalization": normalization,
-        "saekit_training_tokens": trainer.tokens,
+        "saekit_training_tokens": trainer.tokens, "training_architecture": cfg.architecture,
     }
     info = {
         "saekit_version": saekit.__version__, "architecture": cfg.architecture,
-        "d_in": data.d_in, "d_sae": cfg.d_sae, "k": cfg.k if cfg.architecture == "topk" else None,
+        "d_in": data.d_in, "d_sae": cfg.d_sae, "k": cfg.k if cfg.architecture in TOPK_FAMILY else None,
         "model": model, "layer": layer, "token_types": list(cfg.token_types),
         "compat": data.record.get("compat"),
         "data": data.record.get("data", {}), "normalization": normalization,

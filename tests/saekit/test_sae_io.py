@@ -108,8 +108,8 @@ def test_missing_or_broken_folders_are_user_errors(tmp_path):
         load_sae(tmp_path / "nowhere")
     folder = _save(_trained_like("standard"), tmp_path / "sae")
     cfg = json.loads((folder / "cfg.json").read_text())
-    (folder / "cfg.json").write_text(json.dumps({**cfg, "architecture": "jumprelu"}))
-    with pytest.raises(UserError, match="architecture 'jumprelu' is not supported"):
+    (folder / "cfg.json").write_text(json.dumps({**cfg, "architecture": "gated"}))
+    with pytest.raises(UserError, match="architecture 'gated' is not supported"):
         load_sae(folder)
     (folder / "cfg.json").write_text(json.dumps({**cfg, "d_sae": 64}))
     with pytest.raises(UserError, match=r"W_enc is \(32, 128\), cfg.json implies \(32, 64\)"):
