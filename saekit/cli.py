@@ -18,6 +18,8 @@ COMMANDS: dict[str, str] = {
     "train": "Train a sparse autoencoder on a layer (from a cache, or caching on the fly).",
     "encode": "Encode activations to sparse SAE codes.",
     "info": "Describe an SAE folder or an activation cache.",
+    "eval": "Evaluate an SAE: reconstruction, sparsity and downstream loss (JSON + PNG).",
+    "dashboard": "Write a static HTML browser of an SAE's atoms over image-text data.",
 }
 
 

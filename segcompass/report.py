@@ -17,6 +17,7 @@ import base64
 import html
 import io
 import json
+import os
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -225,8 +226,11 @@ def _words_html(trace: AtomTrace, limit: int = 6) -> str:
                      for f in strongest)
 
 
-def atoms_table(image: np.ndarray, prediction: Prediction, slot: int, names: dict[int, str]) -> str:
+def atoms_table(image: np.ndarray, prediction: Prediction, slot: int, names: dict[int, str],
+                links: dict[int, str] | None = None) -> str:
+    """The slot's atoms; `links` maps an atom to its page in a `saekit dashboard` folder."""
     atoms = prediction.provenance[slot].atoms
+    links = links or {}
     if not atoms:
         return '<p class="muted">No SAE atom passed the codebook threshold for this sample.</p>'
     peak = max(a.weight for a in atoms) or 1.0
@@ -237,7 +241,7 @@ def atoms_table(image: np.ndarray, prediction: Prediction, slot: int, names: dic
         amap = atom_map(image, trace, prediction.image_grid, prediction.grid_region)
         n_cells = len(trace.image_cells)
         rows.append(
-            f"<tr><td>{rank}</td><td>{trace.atom}</td><td>{trace.weight:.4f}<br>"
+            f"<tr><td>{rank}</td><td>{_atom_cell(trace.atom, links)}</td><td>{trace.weight:.4f}<br>"
             f'<span class="bar" style="width:{int(80 * trace.weight / peak)}px"></span></td>'
             f"<td>{_esc(name) if name else '<span class=muted>(unnamed)</span>'}</td>"
             f"<td>{_img(png_bytes(amap), f'atom {trace.atom} on the image')}<br>"
@@ -250,8 +254,28 @@ def atoms_table(image: np.ndarray, prediction: Prediction, slot: int, names: dic
     return legend + "<table>" + "".join(rows) + "</table>"
 
 
+def _atom_cell(atom: int, links: dict[int, str]) -> str:
+    href = links.get(atom)
+    return f'<a href="{_esc(href)}" title="its dashboard page">{atom}</a>' if href else str(atom)
+
+
+def dashboard_links(dashboard: str | Path | None, atoms: set[int], base: Path) -> dict[int, str]:
+    """atom -> relative URL (from `base`) of its page in the `saekit dashboard` folder
+    `dashboard`; empty when there is none."""
+    if dashboard is None:
+        return {}
+    from saekit.dashboard import atom_link
+
+    links = {}
+    for atom in sorted(atoms):
+        target = atom_link(dashboard, atom)
+        if target is not None:
+            links[atom] = Path(os.path.relpath(target.resolve(), Path(base).resolve())).as_posix()
+    return links
+
+
 def slot_html(image: np.ndarray, prediction: Prediction, slot: int, heatmap_png: bytes,
-              names: dict[int, str]) -> str:
+              names: dict[int, str], links: dict[int, str] | None = None) -> str:
     confidence = float(prediction.confidences[slot])
     on = bool(prediction.selected[slot])
     top = slot == top_slot(prediction)
@@ -261,12 +285,13 @@ def slot_html(image: np.ndarray, prediction: Prediction, slot: int, heatmap_png:
             f'<div class="row"><figure>{_img(heatmap_png, f"slot {slot} heatmap and mask")}'
             f"<figcaption>Heatmap H_{slot} and its mask (area {int(prediction.slot_masks[slot].sum())} px)"
             f"</figcaption></figure></div><h4>Top SAE atoms feeding slot {slot}</h4>"
-            f"{atoms_table(image, prediction, slot, names)}</div>")
+            f"{atoms_table(image, prediction, slot, names, links)}</div>")
 
 
 def report_html(image: np.ndarray, instruction: str, prediction: Prediction, heatmap_pngs: list[bytes],
-                *, atom_names: dict[int, str] | None = None, title: str = "SegCompass prediction") -> str:
-    """The whole self-contained report as one HTML string."""
+                *, atom_names: dict[int, str] | None = None, title: str = "SegCompass prediction",
+                links: dict[int, str] | None = None) -> str:
+    """The whole self-contained report as one HTML string (`links`: atom -> dashboard page)."""
     names = atom_names or {}
     top = top_slot(prediction)
     parsed = prediction.parsed
@@ -281,7 +306,8 @@ def report_html(image: np.ndarray, instruction: str, prediction: Prediction, hea
            f"(score {parsed.format_score}). Each token is shaded by how strongly the top slot's "
            f"(slot {top}) atoms fire on it: sum of atom weight x activation.</p>"
            f'<div class="cot">{cot_html(prediction, top)}</div>')
-    slots = "".join(slot_html(image, prediction, k, heatmap_pngs[k], names) for k in range(len(heatmap_pngs)))
+    slots = "".join(slot_html(image, prediction, k, heatmap_pngs[k], names, links)
+                    for k in range(len(heatmap_pngs)))
     return (head + f'<div class="instr"><b>Instruction:</b> {_esc(instruction)}</div>' + images + cot
             + "<h2>Slots</h2>" + slots + "</body></html>")
 
@@ -289,8 +315,10 @@ def report_html(image: np.ndarray, instruction: str, prediction: Prediction, hea
 # ---------------------------------------------------------------------- files
 
 def write_report(out: str | Path, image: np.ndarray, instruction: str, prediction: Prediction, *,
-                 atom_names: dict[int, str] | None = None, title: str = "SegCompass prediction") -> ReportFiles:
-    """mask.png, overlay.png, heatmap_slot{k}.png, prediction.json and report.html in `out`."""
+                 atom_names: dict[int, str] | None = None, title: str = "SegCompass prediction",
+                 dashboard: str | Path | None = None) -> ReportFiles:
+    """mask.png, overlay.png, heatmap_slot{k}.png, prediction.json and report.html in `out`;
+    with `dashboard` (a `saekit dashboard` folder), each listed atom links to its page."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_bytes(out / "mask.png", png_bytes((prediction.mask * 255).astype(np.uint8)))
@@ -304,16 +332,20 @@ def write_report(out: str | Path, image: np.ndarray, instruction: str, predictio
     record = prediction_json(prediction, instruction, atom_names=atom_names,
                              heatmap_files=[p.name for p in heatmap_paths])
     atomic_write_bytes(out / "prediction.json", (json.dumps(record, indent=2) + "\n").encode())
-    page = report_html(image, instruction, prediction, heatmap_pngs, atom_names=atom_names, title=title)
+    atoms = {trace.atom for slot in prediction.provenance for trace in slot.atoms}
+    page = report_html(image, instruction, prediction, heatmap_pngs, atom_names=atom_names, title=title,
+                       links=dashboard_links(dashboard, atoms, out))
     atomic_write_bytes(out / "report.html", page.encode("utf-8"))
     return ReportFiles(out / "report.html", out / "prediction.json", out / "mask.png", out / "overlay.png",
                        heatmap_paths)
 
 
 def predict_report(model, image: np.ndarray, instruction: str, out: str | Path, *, multi: bool = False,
-                   atom_names: dict[int, str] | None = None, config=None) -> PredictedReport:
+                   atom_names: dict[int, str] | None = None, config=None,
+                   dashboard: str | Path | None = None) -> PredictedReport:
     """Predict one image and write its report. `model`: a SegCompass or a checkpoint folder;
-    `config`: a `PredictorConfig` (defaults otherwise)."""
+    `config`: a `PredictorConfig` (defaults otherwise); `dashboard`: a `saekit dashboard`
+    folder the listed atoms link into."""
     from segcompass.model import load_segcompass
     from segcompass.predictor import Predictor, PredictorConfig
 
@@ -321,4 +353,5 @@ def predict_report(model, image: np.ndarray, instruction: str, out: str | Path, 
         model = load_segcompass(model)
     predictor = Predictor(model, config or PredictorConfig(batch_size=1), atom_names=atom_names)
     [prediction] = predictor.predict([image], [instruction], multi=multi)
-    return PredictedReport(prediction, write_report(out, image, instruction, prediction, atom_names=atom_names))
+    return PredictedReport(prediction, write_report(out, image, instruction, prediction, atom_names=atom_names,
+                                                    dashboard=dashboard))
