@@ -31,11 +31,7 @@ def read_json_object(path: str | Path, *, fields: Mapping[str, type | tuple[type
                      fix: str = "") -> dict[str, Any]:
     """The JSON object in `path`, each of `fields` present with a value of its type(s), or a
     one-line UserError naming the file (`fix` says what to do about it)."""
-    path = Path(path)
-    advice = f"; {fix}" if fix else ""
-    if not path.is_file():
-        what = "is a folder, not a file" if path.is_dir() else "does not exist"
-        raise UserError(f"{path} {what}{advice}")
+    path, advice = _existing_file(path, fix)
     try:
         record = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as err:
@@ -79,11 +75,7 @@ def safetensors_size(path: Path) -> int:
 def check_safetensors(path: str | Path, *, fix: str = "") -> Path:
     """UserError unless `path` is a whole safetensors file: its header parses and the file is
     exactly as long as the header says (a truncated or padded file is refused before reading)."""
-    path = Path(path)
-    advice = f"; {fix}" if fix else ""
-    if not path.is_file():
-        what = "is a folder, not a file" if path.is_dir() else "does not exist"
-        raise UserError(f"{path} {what}{advice}")
+    path, advice = _existing_file(path, fix)
     try:
         expected = safetensors_size(path)
     except (ValueError, KeyError, TypeError, IndexError, UnicodeDecodeError) as err:
@@ -146,3 +138,13 @@ def data_fingerprint(path: str | Path) -> str:
                 for block in iter(lambda: handle.read(1 << 20), b""):
                     digest.update(block)
     return digest.hexdigest()
+
+
+def _existing_file(path: str | Path, fix: str) -> tuple[Path, str]:
+    """`path` as a Path and the "; fix" suffix, or a UserError if it is not a file."""
+    path = Path(path)
+    advice = f"; {fix}" if fix else ""
+    if not path.is_file():
+        what = "is a folder, not a file" if path.is_dir() else "does not exist"
+        raise UserError(f"{path} {what}{advice}")
+    return path, advice
