@@ -1,5 +1,6 @@
 """SAE training losses: a hand-written forward + backward for the standard SAE (the fast
-path), its autograd reference, and the TopK SAE's loss with the AuxK dead-latent term.
+path), its autograd reference, and the TopK SAE's loss with the AuxK dead-latent term
+through autograd (the dense reference of the TopK family's sparse path, `saekit.sae.sparse_step`).
 
 Standard SAE (SAE-V recipe; equal to sae-lens's `StandardTrainingSAE` with lp_norm 1 and
 apply_b_dec_to_input False), over a batch of n rows:

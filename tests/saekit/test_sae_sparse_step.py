@@ -142,3 +142,22 @@ def test_loss_equals_sae_lens_training_forward_pass(name):
     stats = step(x, torch.zeros(D_SAE, dtype=torch.bool))
     torch.testing.assert_close(stats.loss, out.loss.detach(), rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(stats.mse, out.losses["mse_loss"].detach(), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("with_dead", [False, True])
+def test_topk_sparse_step_equals_the_autograd_topk_step(with_dead):
+    """saekit.sae.losses.topk_step (dense autograd, the TopK path before the sparse one) is
+    the same loss and gradients."""
+    from saekit.sae.losses import topk_step
+
+    sae, x = _sae("topk"), _x()
+    dead = torch.zeros(D_SAE, dtype=torch.bool)
+    if with_dead:
+        dead[::4] = True
+    stats = TopKFamilyStep(sae, N, selection="topk", k=4, levels=(D_SAE,), aux_k=6, aux_coefficient=0.5)(x, dead)
+    fast = {name: p.grad.clone() for name, p in sae.named_parameters()}
+    reference = topk_step(sae, x, dead, aux_k=6, aux_coefficient=0.5)
+    torch.testing.assert_close(stats.loss, reference.loss, rtol=1e-5, atol=1e-6)
+    assert torch.equal(stats.fired, reference.fired)
+    for name, grad in fast.items():
+        torch.testing.assert_close(grad, getattr(sae, name).grad, rtol=1e-4, atol=1e-6, msg=name)
