@@ -64,8 +64,12 @@ class AblateConfig:
     """`TrainConfig.policy_lr_mult` of every run (the policy's learning rate over the base 2e-5)."""
     heatmap_dice_weight: float = 1.0
     """`TrainConfig.heatmap_dice_weight` of every run (1.0, as the demo trains the world)."""
+    data: tuple[str, ...] = ("world",)
+    """Training sources of every run (`segcompass train --data`, docs/real-data.md)."""
+    eval_data: str = "world"
+    """Evaluation source (`segcompass eval --data`); its own split names in --eval-splits."""
     eval_n: int = 100
-    """World samples per evaluation split."""
+    """Samples per evaluation split."""
     eval_splits: tuple[str, ...] = ("testA", "testB", "multi", "reason")
     """Splits every run is evaluated on (`reason` is the zero-shot one)."""
     eval_seed: int = 7
@@ -122,7 +126,7 @@ def train_config(cfg: AblateConfig, run: Run):
                        sae_layer=cfg.sae_layer, steps=cfg.steps, seed=cfg.seed, threads=cfg.threads,
                        device=cfg.device, checkpoint_every=max(1, cfg.steps // 4),
                        log_every=max(1, cfg.steps // 50), policy_lr_mult=cfg.policy_lr_mult,
-                       heatmap_dice_weight=cfg.heatmap_dice_weight,
+                       heatmap_dice_weight=cfg.heatmap_dice_weight, data=tuple(cfg.data),
                        **{"sam_path": cfg.sam_path, **run.settings})
 
 
@@ -156,7 +160,7 @@ def _losses(metrics: Path) -> list[tuple[int, float]]:
 
 def run_one(cfg: AblateConfig, run: Run, *, progress: bool = True) -> dict[str, Any]:
     """Train (or resume) one run, evaluate it greedily, and return its result row."""
-    from segcompass.evaluate import evaluate
+    from segcompass.evaluate import run_evaluation
     from segcompass.model import load_segcompass
     from segcompass.training.supervised import train
 
@@ -165,8 +169,9 @@ def run_one(cfg: AblateConfig, run: Run, *, progress: bool = True) -> dict[str, 
     final = train(train_cfg, progress=progress)
     train_s = time.perf_counter() - t0
     t1 = time.perf_counter()
-    scores = evaluate(load_segcompass(final, device=_device(cfg)), cfg.eval_splits, cfg.eval_n, cfg.eval_seed,
-                      progress=progress)
+    results = run_evaluation(load_segcompass(final, device=_device(cfg)), cfg.eval_splits, cfg.eval_n, cfg.eval_seed,
+                             progress=progress, data=cfg.eval_data)
+    scores = {split: result.scores for split, result in results.items()}
     sequences_per_step = train_cfg.batch_size if train_cfg.mode == "seg" else train_cfg.rl_prompts * train_cfg.group_size
     row = {"study": cfg.study, "run": run.name, "mode": train_cfg.mode,
            "group_size": train_cfg.group_size if train_cfg.mode != "seg" else None,

@@ -42,6 +42,13 @@ def test_reward_and_group_size_settings(tmp_path):
     assert sizes == {"G=2": 8, "G=4": 4, "G=8": 2}
 
 
+def test_real_data_reaches_every_run(tmp_path):
+    """--data / --eval-data: every run of a study trains on the given sources."""
+    cfg = AblateConfig("modes", tmp_path, tmp_path, data=("refcoco:/r@0.5", "reasonseg:/d@0.5"),
+                       eval_data="reasonseg:/d", eval_splits=("val",))
+    assert {train_config(cfg, run).data for run in study_runs(cfg)} == {("refcoco:/r@0.5", "reasonseg:/d@0.5")}
+
+
 def test_rollouts_to_convergence_by_hand():
     losses = [(step, 10.0 - step) for step in range(1, 6)] + [(step, 1.0) for step in range(6, 30)]
     # rolling mean over 3 records first equals the final value once three 1.0s are in: step 8
