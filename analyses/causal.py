@@ -1,7 +1,8 @@
 """The causal suite (issue 19, item 1): do the masks come from the SAE atoms?
 
-For a checkpoint and world splits, each sample is decoded greedily once and run through the
-policy once (`analyses.causal_pass`); every test then re-runs only the head on edited inputs:
+For a checkpoint and splits of a source (the world, or a dataset: `--data`), each sample is decoded
+greedily once and run through the policy once (`analyses.causal_pass`); every test then re-runs only
+the head on edited inputs:
 
     pathway        r_k, the slot-query input, the keys' policy term, all codes: removed, averaged,
                    shuffled across samples (`analyses.causal_pathway`)
@@ -11,6 +12,11 @@ policy once (`analyses.causal_pass`); every test then re-runs only the head on e
     concept edit   one colour's (shape's) atoms replaced by another's at the response tokens
                    (`analyses.causal_concept_edit`)
     variance       fraction of the layer's variance explained by the thresholded code (`causal_pass`)
+
+On a dataset (RefCOCO/+/g, gRefCOCO, ReasonSeg) only pathway, dose and variance run: they need
+images, instructions, target masks and ignore pixels. The conflict test and the concept edit need
+the world's scene metadata (WORLD_ONLY_TESTS says why); causal.json records them as skipped, per
+split and under "skipped".
 
 Output folder (`run_causal_suite`):
     causal.json                every number: "acceptance" (below), then "splits" -> split -> test
@@ -43,7 +49,7 @@ from analyses import causal_concept_edit as edit
 from analyses import causal_conflict as conflict
 from analyses import causal_dose as dose
 from analyses import causal_pathway as pathway
-from analyses.causal_pass import SplitPass, run_split_pass
+from analyses.causal_pass import SplitPass, run_split_pass, source_samples
 from analyses.plotting import GROUP_COLOURS, label_axes, new_figure, save_png, write_csv, write_json
 from saekit.errors import UserError
 
@@ -51,6 +57,11 @@ CAUSAL_FILE = "causal.json"
 CAUSAL_DIR = "causal"
 """Sub-folder of `segcompass analyze --out` the suite writes into."""
 DEFAULT_SPLITS = ("testA", "multi")
+WORLD_ONLY_TESTS: dict[str, str] = {
+    "conflict": "needs the world's object inventory to name a second referent in the same image",
+    "concept_edit": "needs the world's colour / shape labels to name atoms and to pick the edited object",
+}
+"""Tests a dataset split skips, and why."""
 
 
 @dataclass(frozen=True)
@@ -58,9 +69,9 @@ class CausalConfig:
     """What the causal suite measures, on how many samples."""
 
     splits: tuple[str, ...] = DEFAULT_SPLITS
-    """World splits (each gets its own greedy pass)."""
+    """Splits of `data` (each gets its own greedy pass): the world's, or the dataset's own names."""
     n: int = 200
-    """Samples per split (the first n of the split's stream for `seed`)."""
+    """Samples per split (the first n of the split's stream for `seed`; of a dataset split, its first n)."""
     seed: int = 1
     """World seed of the samples (1: `segcompass eval`'s default; the demo evaluates seed 7)."""
     batch_size: int = 16
@@ -79,36 +90,68 @@ class CausalConfig:
     """Concept edit: atoms active on fewer tokens are not named."""
     naming_f1: float = 0.5
     """Concept edit: a name is confident when its F1 is at least this."""
+    data: str = "world"
+    """Source of the samples: world, refcoco[+|g]:ROOT, grefcoco:ROOT or reasonseg:DIR (docs/real-data.md);
+    a dataset runs pathway, dose and variance only."""
+    split_by: str | None = None
+    """RefCOCO-family refs file: unc, umd or google (default: unc; umd for refcocog)."""
 
     def __post_init__(self) -> None:
+        from segcompass.data.sources import parse_data
         from segcompass.world.scenes import SPLITS
 
-        if unknown := [s for s in self.splits if s not in SPLITS]:
+        spec = parse_data(self.data)
+        if spec.weight != 1.0:
+            raise UserError(f"causal: --data {self.data}: a weight is for training mixtures")
+        if spec.kind == "world" and (unknown := [s for s in self.splits if s not in SPLITS]):
             raise UserError(f"causal: unknown split(s) {', '.join(unknown)}; choose from {', '.join(SPLITS)}")
         if not self.splits or self.n < 1 or self.batch_size < 1 or self.conflict_pairs < 0:
             raise UserError("causal: need at least one split, n >= 1, batch_size >= 1 and conflict_pairs >= 0")
         if not {0, 10, 100} <= set(self.percents) or sorted(self.percents) != list(self.percents):
             raise UserError(f"causal: percents must be increasing and hold 0, 10 and 100, got {self.percents}")
 
+    @property
+    def world(self) -> bool:
+        """Whether the samples are the embedded world's (every test runs) rather than a dataset's."""
+        from segcompass.data.sources import parse_data
+
+        return parse_data(self.data).kind == "world"
+
+    def record(self) -> dict[str, Any]:
+        """JSON-able config for causal.json (a world run's without `data` / `split_by`: as before datasets)."""
+        record = dataclasses.asdict(self)
+        if self.world:
+            del record["data"], record["split_by"]
+        return record
+
+
+def _conflict(model, sp: SplitPass, cfg: CausalConfig, progress: bool, run: dict) -> tuple[dict, pd.DataFrame]:
+    """The conflict test on one world split: (summary, trials)."""
+    pairs = conflict.conflict_pairs(sp.samples, seed=cfg.seed_random, max_pairs=cfg.conflict_pairs)
+    if not pairs:
+        return ({"n_pairs": 0, "skipped": "no single-target sample admits a second referent"},
+                pd.DataFrame(columns=["pair", "lands", "clean"]))
+    n_single = sum(len(s.targets) == 1 for s in sp.samples)
+    trials = conflict.conflict_trials(model, sp, pairs, max_new_tokens=cfg.max_new_tokens, progress=progress, **run)
+    return conflict.conflict_summary(trials, n_single), trials
+
 
 def _split_tests(model, sp: SplitPass, cfg: CausalConfig, progress: bool) -> tuple[dict, dict[str, pd.DataFrame]]:
-    """Pathway, conflict, dose and variance on one split: (summary, tables)."""
+    """Pathway, conflict (world only), dose and variance on one split: (summary, tables)."""
     run = {"batch_size": cfg.batch_size, "conf_threshold": cfg.conf_threshold}
     seconds, t = {}, time.perf_counter()
     path = pathway.pathway_ablation(model, sp, seed=cfg.seed_random, progress=progress, **run)
     seconds["pathway"] = time.perf_counter() - t
-    t = time.perf_counter()
-    pairs = conflict.conflict_pairs(sp.samples, seed=cfg.seed_random, max_pairs=cfg.conflict_pairs)
-    n_single = sum(len(s.targets) == 1 for s in sp.samples)
-    trials = conflict.conflict_trials(model, sp, pairs, max_new_tokens=cfg.max_new_tokens, progress=progress,
-                                      **run) if pairs else pd.DataFrame(columns=["pair", "lands", "clean"])
-    seconds["conflict"] = time.perf_counter() - t
+    if cfg.world:
+        t = time.perf_counter()
+        conflict_summary, trials = _conflict(model, sp, cfg, progress, run)
+        seconds["conflict"] = time.perf_counter() - t
+    else:
+        conflict_summary, trials = {"skipped": WORLD_ONLY_TESTS["conflict"]}, pd.DataFrame()
     t = time.perf_counter()
     curves = dose.dose_response(model, sp, percents=cfg.percents, seed=cfg.seed_random, progress=progress, **run)
     seconds["dose"] = time.perf_counter() - t
-    summary = {"n_samples": len(sp.samples), "pathway": pathway.pathway_summary(path),
-               "conflict": conflict.conflict_summary(trials, n_single) if pairs else
-               {"n_pairs": 0, "skipped": "no single-target sample admits a second referent"},
+    summary = {"n_samples": len(sp.samples), "pathway": pathway.pathway_summary(path), "conflict": conflict_summary,
                "dose": dose.dose_summary(curves), "variance_explained": sp.variance.explained(),
                "seconds": {k: round(v, 2) for k, v in seconds.items()}}
     table = pd.DataFrame([{"split": sp.split, "condition": c, **v} for c, v in summary["pathway"]["conditions"].items()])
@@ -143,7 +186,7 @@ def run_causal_suite(checkpoint, out_dir: str | Path, *, splits=DEFAULT_SPLITS, 
                      device: str = "cpu", progress: bool = False, **options) -> dict[str, Any]:
     """Every test of the module docstring; writes out_dir and returns causal.json's content.
 
-    `checkpoint`: a folder or a loaded SegCompass; `options`: other `CausalConfig` fields."""
+    `checkpoint`: a folder or a loaded SegCompass; `options`: other `CausalConfig` fields (data, ...)."""
     cfg = CausalConfig(splits=tuple(splits), n=n, seed=seed, **options)
     return run_causal(checkpoint, out_dir, cfg, device=device, progress=progress)
 
@@ -152,7 +195,6 @@ def run_causal(checkpoint, out_dir: str | Path, cfg: CausalConfig, *, device: st
                progress: bool = False) -> dict[str, Any]:
     """`run_causal_suite` with a ready config."""
     from segcompass.model import load_segcompass
-    from segcompass.world.scenes import generate
 
     model = load_segcompass(checkpoint, device=device) if isinstance(checkpoint, (str, Path)) else checkpoint
     model.eval()
@@ -160,13 +202,37 @@ def run_causal(checkpoint, out_dir: str | Path, cfg: CausalConfig, *, device: st
     passes, summaries, tables = {}, {}, {"pathway": [], "conflict": [], "dose": [], "concept_edit": []}
     for split in cfg.splits:
         t = time.perf_counter()
-        passes[split] = run_split_pass(model, split, generate(split, cfg.n, cfg.seed), batch_size=cfg.batch_size,
+        samples = source_samples(cfg.data, split, cfg.n, seed=cfg.seed, split_by=cfg.split_by)
+        passes[split] = run_split_pass(model, split, samples, batch_size=cfg.batch_size,
                                        max_new_tokens=cfg.max_new_tokens, progress=progress)
         seconds[f"pass_{split}"] = time.perf_counter() - t
         summaries[split], split_tables = _split_tests(model, passes[split], cfg, progress)
         for name, table in split_tables.items():
             tables[name].append(table)
-    t = time.perf_counter()
+    if cfg.world:
+        t = time.perf_counter()
+        _concept_edits(model, passes, cfg, summaries, tables["concept_edit"])
+        seconds["concept_edit"] = time.perf_counter() - t
+    else:
+        for split in passes:
+            summaries[split]["concept_edit"] = {"skipped": WORLD_ONLY_TESTS["concept_edit"]}
+    joined = {name: pd.concat([t for t in parts if len(t)], ignore_index=True) if any(len(t) for t in parts)
+              else pd.DataFrame() for name, parts in tables.items()}
+    files = _write_tables(out_dir, joined, summaries)
+    record = {"checkpoint": str(checkpoint) if isinstance(checkpoint, (str, Path)) else None,
+              "routing": model.head_cfg.routing, "policy_image_keys": model.head_cfg.policy_image_keys,
+              "config": cfg.record(),
+              "acceptance": acceptance(summaries, joined["conflict"]),
+              "splits": summaries, "files": files, "seconds": {k: round(v, 2) for k, v in seconds.items()}}
+    if not cfg.world:
+        record["skipped"] = dict(WORLD_ONLY_TESTS)
+    write_json(record, out_dir / CAUSAL_FILE)
+    return record
+
+
+def _concept_edits(model, passes: dict[str, SplitPass], cfg: CausalConfig, summaries: dict[str, dict],
+                   tables: list[pd.DataFrame]) -> None:
+    """Name concept atoms on every world split's pass, then edit each split: fills summaries and tables."""
     atoms = edit.name_concept_atoms(list(passes.values()), image_processor=model.loaded.image_processor,
                                     min_count=cfg.naming_min_count, f1_threshold=cfg.naming_f1)
     for split, sp in passes.items():
@@ -174,18 +240,7 @@ def run_causal(checkpoint, out_dir: str | Path, cfg: CausalConfig, *, device: st
                                   conf_threshold=cfg.conf_threshold) for kind in edit.KINDS]
         table = pd.concat(part, ignore_index=True)
         summaries[split]["concept_edit"] = edit.concept_edit_summary(table, atoms)
-        tables["concept_edit"].append(table)
-    seconds["concept_edit"] = time.perf_counter() - t
-    joined = {name: pd.concat([t for t in parts if len(t)], ignore_index=True) if any(len(t) for t in parts)
-              else pd.DataFrame() for name, parts in tables.items()}
-    files = _write_tables(out_dir, joined, summaries)
-    record = {"checkpoint": str(checkpoint) if isinstance(checkpoint, (str, Path)) else None,
-              "routing": model.head_cfg.routing, "policy_image_keys": model.head_cfg.policy_image_keys,
-              "config": dataclasses.asdict(cfg),
-              "acceptance": acceptance(summaries, joined["conflict"]),
-              "splits": summaries, "files": files, "seconds": {k: round(v, 2) for k, v in seconds.items()}}
-    write_json(record, out_dir / CAUSAL_FILE)
-    return record
+        tables.append(table)
 
 
 def _write_tables(out_dir: Path, tables: dict[str, pd.DataFrame], summaries: dict[str, dict]) -> dict[str, str]:

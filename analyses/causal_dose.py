@@ -15,7 +15,8 @@ Deletion at p% removes the top ceil(p/100 * pool) pairs; insertion at p% keeps o
 unedited head). Removing a pair removes its CSR entry.
 
 Per (setting, ranking, direction, p): gIoU of the final masks over the items (= their mean
-IoU, every item having one target) and the scored slot's heatmap soft IoU; areas under both
+IoU, every item having one target) and the scored slot's heatmap soft IoU (a dataset's ignore
+pixels left out of both: `segcompass.data.sources.ignore_of`); areas under both
 curves (trapezoid over p/100 in [0, 1]: the curve's mean). Settings: e_k present, and (paper
 routing only, the concept-routed head does not read e_k) e_k zeroed, rankings recomputed.
 Deletion cost at 10%: unedited gIoU - gIoU after deleting the top 10%; its ratio, top ranking
@@ -34,7 +35,8 @@ import torch
 from torch import Tensor
 
 from analyses.causal_inputs import inputs_to, select_entries, take_samples
-from analyses.causal_pass import SplitPass, final_masks, mask_ious, target_union
+from analyses.causal_pass import SplitPass, final_masks, mask_ious, n_targets, target_union
+from segcompass.data.sources import ignore_of
 from segcompass.model import HeadInputs
 
 PERCENTS: tuple[float, ...] = (0, 1, 5, 10, 25, 50, 100)
@@ -70,21 +72,25 @@ def dose_keep(rank: np.ndarray, entry_sample: np.ndarray, pool_size: np.ndarray,
     raise ValueError(f"direction must be deletion or insertion, got {direction!r}")
 
 
-def heatmap_soft_iou(heatmap_logits: Tensor, slot: Tensor, targets: Tensor) -> Tensor:
-    """(B,) soft IoU of slot[b]'s heatmap (B, K, m, m) with targets[b] (B, m, m) in [0, 1]."""
+def heatmap_soft_iou(heatmap_logits: Tensor, slot: Tensor, targets: Tensor, valid: Tensor | None = None) -> Tensor:
+    """(B,) soft IoU of slot[b]'s heatmap (B, K, m, m) with targets[b] (B, m, m) in [0, 1], each pixel
+    weighted by valid[b] (B, m, m) in [0, 1] (1 - ignore) when given."""
     rows = torch.arange(len(slot), device=heatmap_logits.device)
     probs = heatmap_logits[rows, slot.to(heatmap_logits.device)].float().sigmoid().flatten(1)  # (B, m*m)
     t = targets.float().flatten(1)
+    if valid is not None:
+        weight = valid.float().flatten(1).to(probs.device)  # (B, m, m) -> (B, m*m)
+        probs, t = probs * weight, t * weight
     inter = (probs * t).sum(1)
     return inter / (probs.sum(1) + t.sum(1) - inter + 1e-6)
 
 
-def attribution(model, inputs: HeadInputs, slot: Tensor, targets: Tensor) -> Tensor:
+def attribution(model, inputs: HeadInputs, slot: Tensor, targets: Tensor, valid: Tensor | None = None) -> Tensor:
     """(nnz,) gradient x activation of every stored code entry for the scored slot's heatmap soft IoU."""
     values = inputs.codes.values.detach().float().clone().requires_grad_(True)
     with torch.enable_grad():
         out = model.run_head(inputs._replace(codes=inputs.codes._replace(values=values)))
-        score = heatmap_soft_iou(out.heatmap_logits, slot, targets).sum()  # samples are independent
+        score = heatmap_soft_iou(out.heatmap_logits, slot, targets, valid).sum()  # samples are independent
         (grad,) = torch.autograd.grad(score, values, allow_unused=True)
     grad = torch.zeros_like(values) if grad is None else grad
     return (grad * values).detach()
@@ -122,6 +128,8 @@ class ChunkContext(NamedTuple):
     """(B, m, m) float target in the head's mask frame."""
     slot: Tensor
     """(B,) scored slot."""
+    valid: Tensor | None = None
+    """(B, m, m) float weight of each pixel of the frame, 1 - ignore (None: nothing ignored)."""
 
 
 def _rankings(model, ctx: ChunkContext, seed: int) -> dict[str, np.ndarray]:
@@ -131,7 +139,7 @@ def _rankings(model, ctx: ChunkContext, seed: int) -> dict[str, np.ndarray]:
     nnz = len(ctx.inputs.codes.values)
     rng = np.random.default_rng(seed)
     return {"provenance": provenance_scores(out, ctx.inputs, ctx.slot, model.head.codebook.threshold).cpu().numpy(),
-            "attribution": attribution(model, ctx.inputs, ctx.slot, ctx.targets).cpu().numpy(),
+            "attribution": attribution(model, ctx.inputs, ctx.slot, ctx.targets, ctx.valid).cpu().numpy(),
             "random": rng.random(nnz)}
 
 
@@ -141,8 +149,8 @@ def _score(model, ctx: ChunkContext, keep: np.ndarray, conf_threshold: float) ->
     codes = select_entries(ctx.inputs.codes, torch.as_tensor(keep, device=ctx.inputs.codes.indices.device))
     out = model.run_head(ctx.inputs._replace(codes=codes))
     masks = final_masks(model, out, ctx.samples, conf_threshold)
-    ious = mask_ious(masks, [target_union(s) for s in ctx.samples])
-    return ious, heatmap_soft_iou(out.heatmap_logits, ctx.slot, ctx.targets).cpu().numpy()
+    ious = mask_ious(masks, [target_union(s) for s in ctx.samples], [ignore_of(s) for s in ctx.samples])
+    return ious, heatmap_soft_iou(out.heatmap_logits, ctx.slot, ctx.targets, ctx.valid).cpu().numpy()
 
 
 def chunk_curves(model, ctx: ChunkContext, *, seed: int, percents=PERCENTS, conf_threshold: float = 0.5
@@ -167,6 +175,18 @@ def settings_for(model) -> tuple[str, ...]:
     return ("e_present",) if model.head.concept_routed else ("e_present", "e_zeroed")
 
 
+def ignore_weights(samples: list, *, input_size: int, size: int, device) -> Tensor | None:
+    """(B, m, m) 1 - each sample's ignore mask in the head's frame (area-resized, so soft at borders), or
+    None when no sample has ignore pixels (world samples never do)."""
+    from segcompass.postprocess import targets_to_frame
+
+    if all(ignore_of(s) is None for s in samples):
+        return None
+    ignores = [ignore_of(s) if ignore_of(s) is not None else np.zeros(s.image.shape[:2], bool) for s in samples]
+    frames = [targets_to_frame(torch.from_numpy(i[None]), input_size=input_size, out_size=size)[0] for i in ignores]
+    return (1 - torch.stack(frames)).to(device)  # (B, m, m)
+
+
 def dose_response(model, sp: SplitPass, *, percents=PERCENTS, seed: int = 0, batch_size: int = 16,
                   conf_threshold: float = 0.5, progress: bool = False) -> pd.DataFrame:
     """Long table: setting, ranking, direction, percent, giou, soft_iou, n_items (module docstring)."""
@@ -174,7 +194,7 @@ def dose_response(model, sp: SplitPass, *, percents=PERCENTS, seed: int = 0, bat
 
     from segcompass.postprocess import targets_to_frame
 
-    items = [i for i, s in enumerate(sp.samples) if len(s.targets) == 1]
+    items = [i for i, s in enumerate(sp.samples) if n_targets(s) == 1]
     device = next(model.head.parameters()).device
     sums: dict = defaultdict(lambda: [[], []])
     for start in tqdm(range(0, len(items), batch_size), desc=f"dose {sp.split}", disable=not progress):
@@ -184,12 +204,13 @@ def dose_response(model, sp: SplitPass, *, percents=PERCENTS, seed: int = 0, bat
         size = int(model.head.slot_mapper.upsample * inputs.image_embeddings.shape[-1])  # m = 4w
         targets = torch.stack([targets_to_frame(torch.from_numpy(target_union(s)[None]), input_size=model.sam_input_size,
                                                 out_size=size)[0] for s in samples]).to(device)  # (B, m, m)
+        valid = ignore_weights(samples, input_size=model.sam_input_size, size=size, device=device)
         with torch.no_grad():
             slot = scored_slots(model, model.run_head(inputs), samples, targets)
         for setting in settings_for(model):
             edited = inputs if setting == "e_present" else inputs._replace(
                 slot_embeddings=torch.zeros_like(inputs.slot_embeddings))
-            curves = chunk_curves(model, ChunkContext(edited, samples, targets, slot), seed=seed + start,
+            curves = chunk_curves(model, ChunkContext(edited, samples, targets, slot, valid), seed=seed + start,
                                   percents=percents, conf_threshold=conf_threshold)
             for (ranking, direction, percent), (iou, soft) in curves.items():
                 sums[setting, ranking, direction, percent][0].append(iou)

@@ -2,13 +2,18 @@
 
 `run_split_pass` decodes each sample's response greedily (as `segcompass eval` does: the same
 `greedy_responses`, batches of the same size) and runs the policy once over prompt + response.
+A sample is a world sample or a dataset item (`segcompass.data.sources`, read by
+`source_samples`): one image, one instruction, (N, H, W) target masks (N = 0: no target; N > 1:
+gRefCOCO's several), optional ignore pixels; a dataset item has no chain of thought, and the
+greedy response is all the pass reads either way.
 What the head reads from that pass is kept as one `HeadInputs` over all n samples (on the
 CPU), so every intervention re-runs only the head (`run_condition`), batch by batch.
 
 `final_masks` turns a head output into each sample's final mask exactly as
 `segcompass.predictor.Predictor` does (the single slot for the single-object prompt, the union
 of slots with confidence >= conf_threshold for the multi-object one), so the unedited
-condition scores what `segcompass eval` scores on the same samples.
+condition scores what `segcompass eval` scores on the same samples (ignore pixels, `ignore_of`,
+left out of every IoU, as there).
 
 Also accumulated on the pass: the fraction of the layer's variance explained by the code the
 head actually sees, 1 - sum ||x - x_hat_thr||^2 / sum ||x - mean||^2 over SAE tokens, with
@@ -31,6 +36,7 @@ from analyses.causal_edits import HeadEdit, run_edited
 from analyses.causal_inputs import concat_inputs, inputs_to, take_samples
 from saekit.sae.encode import encode_sparse
 from saekit.sparse import SparseCodes
+from segcompass.data.sources import ignore_of
 from segcompass.metrics import MetricAccumulator, SplitScores, batch_counts, sample_iou
 from segcompass.model import HeadInputs
 from segcompass.modeling.segcompass_head import HeadOutput
@@ -83,7 +89,7 @@ class SplitPass(NamedTuple):
 
     split: str
     samples: list
-    """The `segcompass.world.scenes.WorldSample`s."""
+    """World `WorldSample`s or dataset `Item`s (`segcompass.data.sources.SampleLike`)."""
     responses: list[str]
     """Greedy responses (special tokens kept)."""
     inputs: HeadInputs
@@ -134,9 +140,18 @@ def _forward(model, samples: list, responses: list[str]) -> _Part:
                  variance_sums(model.sae, slots.sae_tokens, inputs.codes))
 
 
+def source_samples(data: str, split: str, n: int | None, *, seed: int = 1, split_by: str | None = None) -> list:
+    """The first `n` samples (all of a dataset split when None) of `split` of source `data` (`world`,
+    `reasonseg:DIR`, ...), read as `segcompass eval` reads them (world samples drawn under `seed`)."""
+    from segcompass.data.sources import eval_items, open_split, parse_data
+
+    return list(eval_items(open_split(parse_data(data), split, split_by=split_by, seed=seed), n))
+
+
 def run_split_pass(model, split: str, samples: Sequence, *, responses: Sequence[str] | None = None,
                    batch_size: int = 16, max_new_tokens: int = 96, progress: bool = False) -> SplitPass:
-    """Greedy responses (unless given) and one policy pass per batch over `samples`."""
+    """Greedy responses (unless given) and one policy pass per batch over `samples` (world samples or
+    dataset items, `source_samples`)."""
     from segcompass.predictor import greedy_responses
     from segcompass.template import build_prompt
 
@@ -204,17 +219,29 @@ def run_condition(model, inputs: HeadInputs, samples: Sequence, edit: HeadEdit |
 
 
 def score_masks(masks: Sequence[np.ndarray], samples: Sequence) -> SplitScores:
-    """gIoU / cIoU / N-acc / T-acc of final masks against the samples' targets (`segcompass.metrics`)."""
+    """gIoU / cIoU / N-acc / T-acc of final masks against the samples' targets, ignore pixels left out
+    (`segcompass.metrics`, as `segcompass eval`)."""
     accumulator = MetricAccumulator()
     for mask, sample in zip(masks, samples, strict=True):
-        accumulator.add(mask, sample.target_masks)
+        accumulator.add(mask, sample.target_masks, ignore_of(sample))
     return accumulator.result()
 
 
-def mask_ious(masks: Sequence[np.ndarray], references: Sequence[np.ndarray]) -> np.ndarray:
-    """(n,) IoU of each (H, W) mask with its (H, W) reference (1 when both are empty)."""
-    counts = batch_counts(np.stack(masks), np.stack(references))
-    return sample_iou(counts.intersection, counts.union)
+def mask_ious(masks: Sequence[np.ndarray], references: Sequence[np.ndarray],
+              ignores: Sequence[np.ndarray | None] | None = None) -> np.ndarray:
+    """(n,) IoU of each (H, W) mask with its (H, W) reference (1 when both are empty), each pair on its
+    own image size, pixels of ignores[i] (H, W) left out."""
+    ignores = [None] * len(masks) if ignores is None else ignores
+    ious = np.empty(len(masks), dtype=np.float64)
+    for i, (mask, reference, ignore) in enumerate(zip(masks, references, ignores, strict=True)):
+        counts = batch_counts(mask[None], reference[None], None if ignore is None else ignore[None])
+        ious[i] = sample_iou(counts.intersection, counts.union)[0]
+    return ious
+
+
+def n_targets(sample) -> int:
+    """Target instances of a sample (0: no target; world: len(targets))."""
+    return len(sample.target_masks)
 
 
 def target_union(sample) -> np.ndarray:

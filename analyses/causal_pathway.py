@@ -22,9 +22,9 @@ Per split, gIoU / cIoU / N-acc / T-acc (`segcompass.metrics`) of the final masks
 same for r, the query input and the codes.
 
 Off-target share: among single-target samples (exactly one target), the share whose final
-mask has IoU < 0.5 with the target (an empty mask counts as off target). Reported for every
-condition; under codes_shuffled it says how often the mask follows the other sample's codes
-away from this sample's target.
+mask has IoU < 0.5 with the target (an empty mask counts as off target; ignore pixels are left
+out). Reported for every condition; under codes_shuffled it says how often the mask follows the
+other sample's codes away from this sample's target.
 """
 
 from __future__ import annotations
@@ -37,7 +37,9 @@ import torch
 from analyses.causal_edits import (HeadEdit, dataset_mean, derangement, from_samples, reads_policy_keys,
                                    record_head, zeroed)
 from analyses.causal_inputs import empty_codes, inputs_to, take_samples
-from analyses.causal_pass import SplitPass, final_masks, mask_ious, run_condition, score_masks, target_union
+from analyses.causal_pass import (SplitPass, final_masks, mask_ious, n_targets, run_condition, score_masks,
+                                  target_union)
+from segcompass.data.sources import ignore_of
 from segcompass.metrics import SplitScores
 
 OFF_TARGET_IOU = 0.5
@@ -113,10 +115,11 @@ def pathway_edits(model, unedited: Unedited, order: np.ndarray | None
 
 def off_target_share(masks: list[np.ndarray], samples: list) -> tuple[float, int]:
     """(share of single-target samples whose mask has IoU < OFF_TARGET_IOU with the target, their count)."""
-    single = [i for i, s in enumerate(samples) if len(s.targets) == 1]
+    single = [i for i, s in enumerate(samples) if n_targets(s) == 1]
     if not single:
         return float("nan"), 0
-    ious = mask_ious([masks[i] for i in single], [target_union(samples[i]) for i in single])
+    ious = mask_ious([masks[i] for i in single], [target_union(samples[i]) for i in single],
+                     [ignore_of(samples[i]) for i in single])
     return float((ious < OFF_TARGET_IOU).mean()), len(single)
 
 

@@ -33,6 +33,10 @@ Hungarian matching on the masks' soft IoU (as in training), and the matched pair
 highest hard mask IoU is taken; its target is the ground truth the IoU is measured against.
 Samples without a target, or whose best pair has IoU below `faith_min_iou`, give no item
 (nothing can drop from a mask that already misses).
+
+On a dataset (`segcompass analyze --data refcoco:ROOT ...`) none of these run: each reads the world's
+scene metadata (WORLD_ONLY_ANALYSES says what for), and `skipped_summary` writes a summary.json
+that records them as skipped; the causal suite's pathway, dose and variance run instead.
 """
 
 from __future__ import annotations
@@ -40,6 +44,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, NamedTuple
@@ -77,7 +82,7 @@ class AnalysesConfig:
     """What `run_all` measures, on how many samples."""
 
     split: str = "val"
-    """World split the samples are drawn from."""
+    """World split the samples are drawn from (with a dataset --data: its split, for the causal suite)."""
     n: int = 48
     """Samples (the first n of the split's stream for `seed`)."""
     seed: int = 1
@@ -491,6 +496,26 @@ def passes_deletion_bar(drop) -> bool:
     -1e-5 is an "infinite" ratio of nothing), so the top-5 drop must also be meaningful.
     """
     return bool(drop.drop_top >= MIN_MEANINGFUL_DROP and drop.drop_top >= 3 * max(drop.drop_random, 0.0))
+
+
+WORLD_ONLY_ANALYSES: dict[str, str] = {
+    "figure4_activation_patterns": "compares the referred instance with the image's other objects (world inventory)",
+    "figure5_instance_coverage": "compares the referred instance with the image's other objects (world inventory)",
+    "figure8_correlation": "scores heatmaps on the referred vs the other objects of each image (world inventory)",
+    "faithfulness": "reads analyses.collect's world samples (the causal suite's dose-response is its dataset twin)",
+    "faithfulness_heatmap": "reads analyses.collect's world samples (the causal suite's dose-response is its twin)",
+    "concept_naming": "names atoms by the world's concepts (colour, shape, position of each object)",
+    "slot_readout": "probes the <REF_POS> states for the world target's colour and shape",
+}
+"""Every analysis of this module, and why a dataset split skips it."""
+
+
+def skipped_summary(checkpoint: str | Path, out_dir: str | Path, *, data: str, splits: Sequence[str]) -> dict[str, Any]:
+    """summary.json for a dataset source: every analysis recorded as skipped, with why (module docstring)."""
+    summary = {"checkpoint": str(checkpoint), "data": data, "splits": list(splits),
+               "analyses": {stem: {"skipped": reason} for stem, reason in WORLD_ONLY_ANALYSES.items()}}
+    write_json(summary, Path(out_dir) / SUMMARY_FILE)
+    return summary
 
 
 def run_all(checkpoint: str | Path, out_dir: str | Path, *, split: str = "val", n: int = 48, seed: int = 1,
