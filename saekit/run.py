@@ -49,7 +49,7 @@ class RunConfig:
     threads: int = free_on_resume(0)
     """torch CPU threads; 0 = all cores."""
     device: str = free_on_resume("auto")
-    """'auto' (cuda when available), 'cpu', 'cuda', ..."""
+    """auto (cuda if any), cpu, cuda, ..."""
 
 
 def _json_value(value: Any) -> Any:

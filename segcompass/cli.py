@@ -13,7 +13,7 @@ COMMANDS: dict[str, str] = {
     "demo": "Run the whole embedded pipeline: world, warm start, SAE, training, evaluation, reports.",
     "warmstart": "Train the tiny policy on the world's chain of thought by teacher forcing.",
     "sam-pretrain": "Pretrain a world SAM preset as a promptable segmenter (the SA-1B stand-in).",
-    "train": "Train SegCompass on the world or RefCOCO/gRefCOCO/ReasonSeg: segmentation, GRPO, or both.",
+    "train": "Train SegCompass (segmentation, GRPO or both) on the world or real datasets.",
     "eval": "Evaluate a checkpoint on world or dataset splits: gIoU, cIoU, N-acc, T-acc, RLE predictions.",
     "predict": "Segment one image from an instruction and write an inspectable HTML report.",
     "analyze": "Interpretability analyses of a checkpoint: Figures 4, 5, 8, faithfulness, concept naming.",

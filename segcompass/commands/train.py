@@ -9,9 +9,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     from saekit.argparse_dataclass import add_config_args
     from segcompass.training.supervised import TrainConfig
 
-    parser.epilog = ("Writes OUT/checkpoint, OUT/final (for eval, predict) and OUT/metrics.jsonl; "
-                     "re-running resumes. The paper: lr 2e-6 (7B), lr multipliers x25 codebook, x80 slot "
-                     "mapper, x10 decoder; G 8, beta 0.2, clip 0.2, w_format 0.3, w_mask 0.7.")
+    parser.epilog = ("Writes OUT/checkpoint, OUT/final, OUT/metrics.jsonl (+ grpo_curves.png for GRPO); "
+                     "re-running resumes. Defaults follow the paper, but --lr (paper: 2e-6).")
     add_config_args(parser, TrainConfig)
     parser.add_argument("--no-progress", action="store_true", help="Hide the progress bar.")
 

@@ -2,7 +2,8 @@
 supervised -> grpo -> grpo_trainer -> common (and supervised -> common).
 
 The AdamW parameter groups of both loops, the checks and reward settings of the GRPO fields of
-`TrainConfig` (which `TrainConfig` runs on construction), the files a GRPO checkpoint adds to
+`TrainConfig` and of its GRPO recipe flags (which `TrainConfig` runs on construction), the files
+a GRPO checkpoint adds to
 TRL's, and the pieces of a GRPO run the trainer calls (world prompts, format reward, side
 weights, gradient averaging, policy weight loading). `cfg` is a
 `segcompass.training.supervised.TrainConfig` throughout.
@@ -68,6 +69,35 @@ def check_grpo_config(cfg) -> None:
     per_device_rows(cfg, int(os.environ.get("WORLD_SIZE", "1")))
 
 
+def check_recipe(cfg) -> None:
+    """`UserError` for GRPO recipe flags (issue 21) that do not fit the mode or the data."""
+    from segcompass.data.sources import has_chain_of_thought, parse_data_list
+
+    world = has_chain_of_thought(parse_data_list(cfg.data))
+    data = " ".join(cfg.data)
+    if cfg.seg_on != "all" and cfg.mode != "rl+seg":
+        raise UserError(f"train: --seg-on is for --mode rl+seg (where the seg loss meets the rollouts), "
+                        f"got --mode {cfg.mode}")
+    if cfg.seg_on in ("teacher", "correct") and not world:
+        raise UserError(f"train: --seg-on {cfg.seg_on} needs ground-truth reasoning, which only the world has "
+                        f"(--data {data})")
+    if not 0 < cfg.top_p <= 1 or cfg.entropy_coef < 0 or cfg.dynamic_sampling < 0 or cfg.consistency_reward_weight < 0:
+        raise UserError(f"train: need 0 < --top-p <= 1 and --entropy-coef, --dynamic-sampling, "
+                        f"--consistency-reward-weight >= 0 (got {cfg.top_p}, {cfg.entropy_coef}, "
+                        f"{cfg.dynamic_sampling}, {cfg.consistency_reward_weight})")
+    for name in ("entropy_coef", "dynamic_sampling", "consistency_reward_weight"):
+        if getattr(cfg, name) and cfg.mode == "seg":
+            raise UserError(f"train: --{name.replace('_', '-')} is for GRPO (--mode rl | rl+seg), got --mode seg")
+    if cfg.consistency_reward_weight and not world:
+        raise UserError(f"train: --consistency-reward-weight needs ground-truth reasoning (the world's objects "
+                        f"and targets); --data {data} has none")
+    if cfg.curriculum != "off" and not world:
+        raise UserError(f"train: --curriculum {cfg.curriculum} weights the world's instruction families; "
+                        f"--data {data} is not the world")
+    if cfg.dynamic_sampling and (cfg.rollout_engine != "generate" or int(os.environ.get("WORLD_SIZE", "1")) > 1):
+        raise UserError("train: --dynamic-sampling runs on one process with --rollout-engine generate")
+
+
 def per_device_rows(cfg, world_size: int) -> int:
     """Rollouts per micro-batch per process; a UserError when groups cannot stay whole."""
     rows = cfg.rl_prompts * cfg.group_size
@@ -82,7 +112,8 @@ def per_device_rows(cfg, world_size: int) -> int:
 
 
 def reward_config(cfg) -> RewardConfig:
-    return RewardConfig(cfg.format_reward_weight, cfg.mask_reward_weight, cfg.confidence_threshold)
+    return RewardConfig(cfg.format_reward_weight, cfg.mask_reward_weight, cfg.confidence_threshold,
+                        cfg.consistency_reward_weight)
 
 
 class WorldPrompts:

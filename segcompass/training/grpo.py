@@ -40,12 +40,32 @@ Rollouts always come from the current weights (upstream sampled from a never-upd
 With one update per rollout batch the importance ratio is exactly 1 and the epsilon-clip never
 binds (clip fraction 0 is logged); the clipped objective is still the one optimised.
 
+Recipe flags (issue 21, docs/results.md section 4; each default is the behaviour above):
+  --init-from CKPT       head, SAM and policy from a trained checkpoint (`training.init_from`);
+                         the KL reference is its policy
+  --seg-on               where rl+seg's segmentation loss applies: all rollouts; teacher (the
+                         prompts' ground-truth CoT, one more policy pass; world); correct
+                         (rollouts whose CoT names the targets, `policy_eval.judge`; world); advantage
+                         (rollouts weighted by max(A, 0)); weighted terms are sum w_b L_b / B
+  --top-p                nucleus sampling of the rollouts (log-probabilities stay at temperature only,
+                         as TRL's)
+  --entropy-coef         - coef x token-mean entropy added to the policy loss
+  --dynamic-sampling N   DAPO: groups without reward spread are replaced by groups of reserve prompts
+                         (stream positions after the run's own), scored in one extra no-grad pass,
+                         at most N draws per step (then the flat groups fill the batch); one process
+  --consistency-reward-weight   + w x `rewards.consistency_reward` (world)
+  --curriculum first-errors     prompts drawn by the policy's first errors (`training.curriculum`)
+Logged per logging step besides rewards: reward/frac_zero_std_groups, entropy, kl, clip_fraction
+(and dynamic/zero_spread_drawn, dynamic/draws); `plots.plot_grpo_curves` draws them at the end.
+
 Output folder (cfg.out):
     trl/checkpoint-N/   TRL/HF checkpoint: policy (safetensors), optimizer, scheduler, RNG,
                         trainer state (HF reads these back with torch.load(weights_only=True)),
                         + side.safetensors (head, SAM) + segcompass_grpo.json (written last)
     final/              SegCompass checkpoint folder (`segcompass eval` / `predict` read it)
     metrics.jsonl       one record per logging step (rewards, advantages, KL, clip, seg losses)
+    grpo_curves.png     zero-spread share, entropy, KL, clip fraction and rewards over the run
+    curriculum.json     with --curriculum: the family weights (read back on resume)
 """
 
 from __future__ import annotations
@@ -142,10 +162,21 @@ def train_grpo(cfg, *, progress: bool = True, stop_after: int | None = None) -> 
         check_resume(state["config"], cfg, f"train: {checkpoint}")
     model = build_segcompass(cfg.model_config(), policy_path=cfg.policy, sae_path=cfg.sae, sam_path=cfg.sam_path,
                              seed=cfg.seed, device=device, allow_mismatch=cfg.allow_mismatch)
+    if cfg.init_from is not None:  # also when resuming: TRL's reference policy is built from it
+        from segcompass.training.init_from import init_from_checkpoint
+
+        init_from_checkpoint(model, cfg.init_from, cfg.sae)
     if cfg.sam_path is not None:  # frozen pretrained encoder: embeddings computed once, kept on disk
         model.use_embedding_cache(cfg.sam_cache or out / "sam_cache")
     rows = cfg.steps * cfg.rl_prompts
-    stream = TrainStream(parse_data_list(cfg.data), seed=cfg.seed, total=rows, split_by=cfg.split_by)
+    reserve = rows * cfg.dynamic_sampling  # dynamic sampling's extra prompts (grpo_step.reserve_index)
+    if cfg.curriculum != "off":  # world families by the policy's first errors (training.curriculum)
+        from segcompass.training.curriculum import CurriculumStream, curriculum_weights
+
+        stream = CurriculumStream(curriculum_weights(cfg, model.loaded, out, resuming=checkpoint is not None),
+                                  seed=cfg.seed)
+    else:
+        stream = TrainStream(parse_data_list(cfg.data), seed=cfg.seed, total=rows + reserve, split_by=cfg.split_by)
     callbacks = [JsonlLog(out / "metrics.jsonl"),
                  Progress(progress, f"grpo {cfg.mode}", cfg.rl_prompts * cfg.group_size)]
     if stop_after is not None:
@@ -164,6 +195,9 @@ def train_grpo(cfg, *, progress: bool = True, stop_after: int | None = None) -> 
     if trainer.accelerator.is_main_process:
         save_segcompass(model, final, sae_path=cfg.sae,
                         record={"steps": cfg.steps, "mode": cfg.mode, "config": config_record(cfg)})
+        from segcompass.training.plots import plot_grpo_curves
+
+        plot_grpo_curves(out / "metrics.jsonl", out / "grpo_curves.png", title=f"{cfg.mode}, {out.name}")
     trainer.accelerator.wait_for_everyone()
     return final
 

@@ -1,7 +1,9 @@
 """The TRL engine of `segcompass.training.grpo`: `SegCompassGRPOTrainer` (a `trl.GRPOTrainer`) and the
 callbacks of a run (metrics.jsonl, progress bar, stop-after for tests).
 
-See `segcompass.training.grpo` for the design: which passes run per step, what each override does.
+See `segcompass.training.grpo` for the design: which passes run per step, what each override does,
+and what the recipe flags (`--seg-on`, `--top-p`, `--entropy-coef`, `--dynamic-sampling`,
+`--consistency-reward-weight`) change.
 """
 
 from __future__ import annotations
@@ -21,12 +23,15 @@ from saekit.inputs import PAD_TYPE, build_batch
 from saekit.run import config_record
 from segcompass.training.common import (GRPO_STATE, SIDE_WEIGHTS, WorldPrompts, average_gradients,
                                         load_policy_weights, load_side_state, make_format_reward, param_groups,
-                                        reward_config, side_state)
+                                        response_text, reward_config, side_state)
+from segcompass.template import k_for
+from segcompass.world.policy_eval import judge
 from segcompass.policy import recorded_states
-from segcompass.training.grpo_step import (Advantages, KeyedGumbelSampler, group_advantages, grpo_policy_loss, head_pass,
-                                  per_sample_segmentation_loss, rollout_batch, rollout_seed)
-from segcompass.policy import PolicyForward
-from segcompass.training.rewards import mask_rewards, total_reward
+from segcompass.training.grpo_step import (Advantages, KeyedGumbelSampler, dapo_fill, group_advantages,
+                                           grpo_policy_loss, head_pass, per_sample_segmentation_loss,
+                                           reserve_index, rollout_batch, rollout_seed, zero_spread)
+from segcompass.policy import PolicyForward, policy_forward
+from segcompass.training.rewards import consistency_reward, format_reward, mask_rewards, total_reward
 
 
 class SegCompassGRPOTrainer(GRPOTrainer):
@@ -40,10 +45,12 @@ class SegCompassGRPOTrainer(GRPOTrainer):
         self.world = train_dataset
         tokenizer = segcompass.loaded.tokenizer
         eos = [tokenizer.eos_token_id]
+        self._text = (tokenizer, eos)  # how the format reward decodes a completion
         super().__init__(model=segcompass.policy, reward_funcs=[make_format_reward(tokenizer, eos)], args=args,
                          train_dataset=train_dataset.dataset(), processing_class=processing_class,
                          callbacks=callbacks)
         self._frame_targets: dict[int, Tensor] = {}
+        self._completion_cache: dict[int, list[int]] = {}  # rollout seed -> completion (dynamic sampling)
 
     # ---- rollouts -------------------------------------------------------------------------
     def _tokenize_prompts(self, prompts: list):
@@ -52,17 +59,30 @@ class SegCompassGRPOTrainer(GRPOTrainer):
             content = messages[-1]["content"]
             images.append(next(part["image"] for part in content if part["type"] == "image"))
             texts.append("".join(part["text"] for part in content if part["type"] == "text"))
+        prompt_ids, self._prompt_types, fields = self._prompt_inputs(images, texts)
+        return prompt_ids, [[image] for image in images], fields
+
+    def _prompt_inputs(self, images: list, texts: list[str]) -> tuple[list[list[int]], list[Tensor], dict]:
+        """Prompt token ids (unpadded), their saekit token types, and the vision inputs."""
         batch = build_batch(self.segcompass.loaded, images, texts, padding_side="left")
         keep = batch.attention_mask.bool()  # (B, T)
         prompt_ids = [row[k].tolist() for row, k in zip(batch.model_inputs["input_ids"], keep)]
-        self._prompt_types = [row[k] for row, k in zip(batch.token_types, keep)]
+        types = [row[k] for row, k in zip(batch.token_types, keep)]
         fields = {k: v for k, v in batch.model_inputs.items() if k not in ("input_ids", "attention_mask")}
-        return prompt_ids, [[image] for image in images], fields
+        return prompt_ids, types, fields
 
     def _generate_single_turn(self, prompt_ids, images, multimodal_fields, num_generations, has_tool_images=False):
         if self.use_vllm or self.use_transformers_continuous_batching:
             return super()._generate_single_turn(prompt_ids, images, multimodal_fields, num_generations,
                                                  has_tool_images)
+        if self._completion_cache and all(seed in self._completion_cache for seed in self._rollout_seeds):
+            return [self._completion_cache[seed] for seed in self._rollout_seeds], None  # drawn while sampling
+        return self._keyed_generate(prompt_ids, multimodal_fields, self._rollout_seeds), None
+
+    def _keyed_generate(self, prompt_ids: list[list[int]], multimodal_fields: dict,
+                        seeds: list[int]) -> list[list[int]]:
+        """One batched `generate`, row b sampled with the keyed generator `seeds[b]`; completions
+        cut after their end marker."""
         from trl.models import unwrap_model_for_generation
         from trl.trainer.utils import pad
 
@@ -73,7 +93,7 @@ class SegCompassGRPOTrainer(GRPOTrainer):
                   "attention_mask": pad([torch.ones_like(r) for r in rows], padding_value=0, padding_side="left"),
                   **{k: v for k, v in multimodal_fields.items() if isinstance(v, Tensor)}}
         inputs = {k: v.to(device) for k, v in inputs.items()}
-        sampler = KeyedGumbelSampler(self._rollout_seeds, self.temperature, device)
+        sampler = KeyedGumbelSampler(seeds, self.temperature, device, top_p=self.cfg.top_p)
         with (unwrap_model_for_generation(self.model_wrapped, self.accelerator,
                                           gather_deepspeed3_params=self.args.ds3_gather_for_generation) as unwrapped,
               torch.no_grad(), self._dist.summon_full_params(self.model_wrapped, recurse=False)):
@@ -82,7 +102,7 @@ class SegCompassGRPOTrainer(GRPOTrainer):
         completions = out[:, inputs["input_ids"].shape[1]:].tolist()  # (B, T_new)
         eos = set(self.eos_token_ids)
         cut = [next((i + 1 for i, t in enumerate(row) if t in eos), len(row)) for row in completions]
-        return [row[:n] for row, n in zip(completions, cut)], None
+        return [row[:n] for row, n in zip(completions, cut)]
 
     def _keyed_generation_config(self) -> GenerationConfig:
         """Greedy decoding over keyed-Gumbel-perturbed scores = sampling at `temperature`.
@@ -100,6 +120,14 @@ class SegCompassGRPOTrainer(GRPOTrainer):
         return rewards
 
     def _generate_and_score_completions(self, inputs):
+        if self.cfg.dynamic_sampling and self.model.training:
+            inputs = self._dynamic_sample(inputs)
+        try:
+            return self._score_completions(inputs)
+        finally:
+            self._completion_cache = {}
+
+    def _score_completions(self, inputs):
         n, g = len(inputs), self.num_generations
         first = self.accelerator.process_index * n  # this process's rows in the generation batch
         self._rollout_seeds = [rollout_seed(self.args.seed, self.state.global_step, row["sample_index"],
@@ -117,6 +145,75 @@ class SegCompassGRPOTrainer(GRPOTrainer):
         output["sample_index"] = torch.tensor([row["sample_index"] for row in inputs], device=device)
         output["format_reward"] = self._local_format.to(device)
         return output
+
+    def _dynamic_sample(self, inputs: list[dict]) -> list[dict]:
+        """`--dynamic-sampling N` (DAPO; one process): rollouts of the batch's prompts are drawn and
+        scored first; groups without reward spread are replaced by groups of reserve prompts
+        (`grpo_step.reserve_index`), at most N draws (`grpo_step.dapo_fill`). The kept rollouts
+        are cached, so TRL's generation returns them instead of sampling again."""
+        g, step, cap = self.num_generations, self.state.global_step, self.cfg.dynamic_sampling
+        per_draw = len(inputs) // g
+
+        def groups(rows: list[dict]) -> list[list[dict]]:
+            return [rows[i:i + g] for i in range(0, len(rows), g)]
+
+        def draw(d: int, need: int):
+            indices = [reserve_index(self.world.n, step, d, j, per_draw=per_draw, cap=cap) for j in range(need)]
+            columns = self.world.rows({"sample_index": indices})
+            rows = [{k: v[j] for k, v in columns.items()} for j in range(need) for _ in range(g)]
+            return groups(rows), self._flat_groups(rows)
+
+        chosen, stats = dapo_fill(groups(inputs), self._flat_groups(inputs), draw, cap)
+        metrics = self._metrics["train"]
+        metrics["dynamic/draws"].append(float(stats.draws))
+        metrics["dynamic/zero_spread_drawn"].append(stats.zero_spread / stats.groups)
+        return [row for group in chosen for row in group]
+
+    def _flat_groups(self, rows: list[dict]) -> list[bool]:
+        """Sample and score the rollouts of `rows` (consecutive groups of G) with the current
+        weights, no gradient (the rewards `compute_loss` will compute); caches them by rollout
+        seed; per group, whether its rewards have no spread."""
+        from trl.trainer.utils import pad
+
+        g, step = self.num_generations, self.state.global_step
+        seeds = [rollout_seed(self.args.seed, step, row["sample_index"], j % g) for j, row in enumerate(rows)]
+        texts = ["".join(part["text"] for part in row["prompt"][-1]["content"] if part["type"] == "text")
+                 for row in rows]
+        prompt_ids, types, fields = self._prompt_inputs([row["image"] for row in rows], texts)
+        completions = self._keyed_generate(prompt_ids, fields, seeds)
+        self._completion_cache.update(zip(seeds, completions))
+        pad_id = self._tokenizer.pad_token_id
+        prompt = pad([torch.tensor(ids) for ids in prompt_ids], padding_value=pad_id, padding_side="left")
+        prompt_mask = pad([torch.ones(len(ids), dtype=torch.long) for ids in prompt_ids], padding_value=0,
+                          padding_side="left")
+        prompt_types = pad([t.to(torch.int8) for t in types], padding_value=PAD_TYPE, padding_side="left")
+        completion = pad([torch.tensor(c, dtype=torch.long) for c in completions], padding_value=pad_id,
+                         padding_side="right")
+        completion_mask = pad([torch.ones(len(c), dtype=torch.long) for c in completions], padding_value=0,
+                              padding_side="right")
+        vision = {"pixel_values": fields["pixel_values"]} if "pixel_values" in fields else {}
+        batch = rollout_batch(prompt, prompt_mask, prompt_types, completion, completion_mask, self.eos_token_ids,
+                              vision)
+        index = [int(row["sample_index"]) for row in rows]
+        with torch.no_grad():
+            forward = policy_forward(self.segcompass.policy, batch, self.segcompass.config.sae_layer)
+            out = head_pass(self.segcompass, forward, batch, self._image_embeddings(index))
+        multi = [self.world.sample(i).multi_prompt for i in index]
+        mask_r = mask_rewards(out.head.mask_logits, out.head.confidence_logits, [self._targets(i) for i in index],
+                              multi, out.slots.slots_written, self.rewards_cfg.confidence_threshold)
+        texts = [response_text(self._text[0], c, self._text[1]) for c in completions]
+        fmt = torch.tensor([format_reward(t, k_for(m)) for t, m in zip(texts, multi)])
+        total = total_reward(fmt, mask_r, self.rewards_cfg, self._consistency(index, texts))
+        return zero_spread(total, g).tolist()
+
+    def _consistency(self, index: list[int], texts: list[str] | None) -> Tensor | None:
+        """(B,) `rewards.consistency_reward` of each rollout; None when its weight is 0."""
+        if not self.rewards_cfg.consistency_weight:
+            return None
+        return torch.tensor([consistency_reward(self.world.sample(i), t) for i, t in zip(index, texts)])
+
+    def _completion_texts(self, completion_ids: Tensor) -> list[str]:
+        return [response_text(self._text[0], row, self._text[1]) for row in completion_ids.tolist()]
 
     def _prepare_inputs(self, generation_batch):
         from trl.trainer.utils import split_pixel_values_by_grid, split_tensor_dict, unsplit_pixel_values_by_grid
@@ -145,8 +242,11 @@ class SegCompassGRPOTrainer(GRPOTrainer):
                 num_images=inputs.get("num_images"), mm_token_type_ids=inputs.get("mm_token_type_ids"))
         forward = PolicyForward(None, states["sae"], states["last"])
         index = inputs["sample_index"].tolist()
-        with torch.set_grad_enabled(self.train_seg and torch.is_grad_enabled()):
+        # with --seg-on teacher the rollouts' head pass only scores masks: no gradient
+        with torch.set_grad_enabled(self.train_seg and self.cfg.seg_on != "teacher" and torch.is_grad_enabled()):
             out = head_pass(self.segcompass, forward, batch, self._image_embeddings(index))
+        texts = (self._completion_texts(inputs["completion_ids"])
+                 if self.rewards_cfg.consistency_weight or self.cfg.seg_on == "correct" else None)
         # rollouts without a <REF_POS>: their slots read the last token (the format reward is 0)
         self._metrics["train" if self.model.training else "eval"]["rollouts/no_ref"].append(
             float((out.slots.slots_written == 0).float().mean()))
@@ -154,19 +254,43 @@ class SegCompassGRPOTrainer(GRPOTrainer):
         multi = [self.world.sample(i).multi_prompt for i in index]
         mask_r = mask_rewards(out.head.mask_logits, out.head.confidence_logits, targets, multi,
                               out.slots.slots_written, self.rewards_cfg.confidence_threshold).to(logps.device)
-        total = total_reward(inputs["format_reward"].float(), mask_r, self.rewards_cfg)
+        consistency = self._consistency(index, texts)
+        total = total_reward(inputs["format_reward"].float(), mask_r, self.rewards_cfg, consistency)
         advantages, everyone = self._advantages(total, inputs["sample_index"])
         old = inputs.get("old_per_token_logps")
         policy = grpo_policy_loss(logps, logps.detach() if old is None else old, inputs.get("ref_per_token_logps"),
-                                  advantages, inputs["completion_mask"], epsilon=self.epsilon_low, beta=self.beta)
+                                  advantages, inputs["completion_mask"], epsilon=self.epsilon_low, beta=self.beta,
+                                  entropies=entropies, entropy_coef=self.cfg.entropy_coef)
         loss = policy.loss if self.train_rl else logps.sum() * 0.0
         seg = None
         if self.train_seg:
-            seg = per_sample_segmentation_loss(out.head.heatmap_logits, out.head.mask_logits,
-                                               out.head.confidence_logits, targets, self.cfg.loss_config())
+            seg = self._segmentation_loss(out, targets, index, advantages, texts)
             loss = loss + seg.total
-        self._record_metrics(inputs, total, mask_r, everyone, policy, seg, entropies)
+        self._record_metrics(inputs, total, mask_r, everyone, policy, seg, entropies, consistency)
         return loss / self.current_gradient_accumulation_steps
+
+    def _segmentation_loss(self, out, targets: list[Tensor], index: list[int], advantages: Tensor,
+                           texts: list[str] | None):
+        """`--seg-on`: all rollouts (the paper), the prompts' teacher-forced ground truth (one more
+        policy pass), rollouts whose chain of thought names the targets (world), or rollouts
+        weighted by their advantage clipped at 0."""
+        config = self.cfg.loss_config()
+        if self.cfg.seg_on == "teacher":
+            from segcompass.training.batching import batch_from_samples
+
+            unique = list(dict.fromkeys(index))
+            batch = batch_from_samples(self.segcompass, [self.world.sample(i) for i in unique])
+            teacher = self.segcompass(batch.model_batch, self._image_embeddings(unique))
+            return per_sample_segmentation_loss(teacher.head.heatmap_logits, teacher.head.mask_logits,
+                                                teacher.head.confidence_logits, batch.frame_targets, config,
+                                                active_slots=batch.active_slots)
+        weights = None
+        if self.cfg.seg_on == "correct":
+            weights = torch.tensor([float(judge(self.world.sample(i), t).target_correct) for i, t in zip(index, texts)])
+        elif self.cfg.seg_on == "advantage":
+            weights = advantages.detach().clamp(min=0)
+        return per_sample_segmentation_loss(out.head.heatmap_logits, out.head.mask_logits, out.head.confidence_logits,
+                                            targets, config, weights)
 
     def _image_embeddings(self, index: list[int]) -> Tensor:
         """(B, C, h, w): SAM's encoder once per distinct prompt, shared by its G rollouts."""
@@ -193,13 +317,16 @@ class SegCompassGRPOTrainer(GRPOTrainer):
         start = self.accelerator.process_index * total.numel()
         return result.advantages[start:start + total.numel()].to(total.device), result
 
-    def _record_metrics(self, inputs, total, mask_r, everyone: Advantages, policy, seg, entropies) -> None:
+    def _record_metrics(self, inputs, total, mask_r, everyone: Advantages, policy, seg, entropies,
+                        consistency: Tensor | None = None) -> None:
         """Per-step means over all processes, into TRL's metric buffer (logged every log_every)."""
         cm = inputs["completion_mask"].float()
         local = {"reward/format": inputs["format_reward"].float().mean(), "reward/mask": mask_r.mean(),
                  "reward/total": total.mean(), "kl": policy.kl, "clip_fraction": policy.clip_fraction,
                  "policy/surrogate": policy.surrogate,
                  "entropy": (entropies * cm).sum() / cm.sum().clamp(min=1)}
+        if consistency is not None:
+            local["reward/consistency"] = consistency.float().mean()
         if seg is not None:
             scores = [float(s) for m in seg.matches for s in m.score]
             local.update({"seg/total": seg.total.detach(), "seg/heatmap_bce": seg.heatmap_bce.detach(),

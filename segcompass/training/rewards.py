@@ -1,6 +1,7 @@
 """GRPO rewards of SegCompass (paper, Appendix B.3): format score, mask score, weighted sum.
 
     reward = w_format * format + w_mask * mask          (paper: 0.3 / 0.7; Table 6 varies them)
+             [+ w_consistency * consistency]            (world only; off unless its weight is set)
 
 format ∈ {0, 0.9, 1.0} comes from `template.parse_response(text, K).format_score`, the
 same parser that builds the prompt, so the reward asks for exactly the K concentration
@@ -16,6 +17,11 @@ mask ∈ [0, 1]:
 A slot only exists where the policy wrote a concentration token: slots past the response's
 `slots_written` (filled with the last token's state by `policy.slot_inputs`) never count.
 "Empty" for a probability mask means no pixel at or above 0.5.
+
+consistency ∈ {0, 0.5, 1} (world samples only: they know their objects): 1 when the chain of
+thought's answer line names exactly the targets (`policy_eval.judge`), 0.5 when every object
+it names exists in the scene but they are not the targets, 0 otherwise (no parseable
+answer, or an object that is not there).
 
 All functions are pure (no model, no state); `mask_rewards` scores a batch of head outputs.
 """
@@ -46,10 +52,13 @@ class RewardConfig:
     """w_mask (paper: 0.7)."""
     confidence_threshold: float = 0.5
     """Multi-object: a slot is a prediction when sigmoid(c_k) is at least this."""
+    consistency_weight: float = 0.0
+    """w_consistency (0: the term is left out)."""
 
     def __post_init__(self) -> None:
-        if self.format_weight < 0 or self.mask_weight < 0:
-            raise ValueError(f"reward weights must be >= 0, got {self.format_weight}, {self.mask_weight}")
+        if self.format_weight < 0 or self.mask_weight < 0 or self.consistency_weight < 0:
+            raise ValueError(f"reward weights must be >= 0, got {self.format_weight}, {self.mask_weight}, "
+                             f"{self.consistency_weight}")
         if not 0 <= self.confidence_threshold <= 1:
             raise ValueError(f"confidence_threshold must lie in [0, 1], got {self.confidence_threshold}")
 
@@ -120,6 +129,24 @@ def mask_rewards(mask_logits: Tensor, confidence_logits: Tensor, targets: Sequen
     return torch.tensor(scores, dtype=torch.float32)
 
 
-def total_reward(format_score: Tensor, mask_score: Tensor, config: RewardConfig = RewardConfig()) -> Tensor:
-    """w_format * format + w_mask * mask, elementwise."""
-    return config.format_weight * format_score + config.mask_weight * mask_score
+def consistency_reward(sample, text: str) -> float:
+    """1 / 0.5 / 0 for one decoded response to one world sample (see the module docstring)."""
+    from segcompass.world.policy_eval import judge
+
+    judgement = judge(sample, text)
+    if judgement.target_correct:
+        return 1.0
+    present = {(o.colour, o.shape) for o in sample.objects}
+    return 0.5 if judgement.named and set(judgement.named) <= present else 0.0
+
+
+def total_reward(format_score: Tensor, mask_score: Tensor, config: RewardConfig = RewardConfig(),
+                 consistency: Tensor | None = None) -> Tensor:
+    """w_format * format + w_mask * mask (+ w_consistency * consistency when that weight is set),
+    elementwise."""
+    total = config.format_weight * format_score + config.mask_weight * mask_score
+    if config.consistency_weight:
+        if consistency is None:
+            raise ValueError("a consistency weight needs the consistency scores")
+        total = total + config.consistency_weight * consistency.to(total.device, total.dtype)
+    return total

@@ -47,10 +47,10 @@ def teacher_response(sample) -> str:
 
 @torch.no_grad()
 def own_responses(model, samples: Sequence, *, seeds: Sequence[int] | None = None, temperature: float = 1.0,
-                  max_new_tokens: int = 96) -> list[str]:
+                  max_new_tokens: int = 96, top_p: float = 1.0) -> list[str]:
     """The policy's responses (special tokens kept, end marker and padding removed) to
-    `samples`: greedy, or sampled at `temperature` with one keyed generator per sample when
-    `seeds` is given. The policy is put in eval mode for decoding and restored after."""
+    `samples`: greedy, or sampled at `temperature` (nucleus `top_p`) with one keyed generator
+    per sample when `seeds` is given. The policy is put in eval mode for decoding and restored after."""
     from segcompass.training.grpo_step import KeyedGumbelSampler
 
     loaded = model.loaded
@@ -63,7 +63,7 @@ def own_responses(model, samples: Sequence, *, seeds: Sequence[int] | None = Non
     inputs = {k: v.to(device) for k, v in batch.model_inputs.items()}
     extra = {}
     if seeds is not None:
-        extra["logits_processor"] = [KeyedGumbelSampler(seeds, temperature, device)]
+        extra["logits_processor"] = [KeyedGumbelSampler(seeds, temperature, device, top_p=top_p)]
     was_training = policy.training
     policy.eval()
     try:
@@ -93,7 +93,7 @@ def step_batch(model, cfg, step: int, samples: Sequence, keep_slot_embeddings: t
     if own:
         seeds = [rollout_seed(cfg.seed, step, i) for i in own] if cfg.responses == "sampled" else None
         texts = own_responses(model, [samples[i] for i in own], seeds=seeds, temperature=cfg.temperature,
-                              max_new_tokens=cfg.max_new_tokens)
+                              max_new_tokens=cfg.max_new_tokens, top_p=cfg.top_p)
         for i, text in zip(own, texts):
             responses[i] = text if carries_ref_tokens(text, samples[i].multi_prompt) else None
         counts["self_generated"] = counts.get("self_generated", 0) + len(own)

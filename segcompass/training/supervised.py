@@ -9,6 +9,8 @@ or RefCOCO/+/g, gRefCOCO, ReasonSeg and weighted mixtures, `segcompass.data.sour
 deterministic by seed, so a resumed run sees exactly the data the uninterrupted one would
 have. World samples are teacher-forced on their chain of thought; dataset samples, which
 have none, train on the policy's own responses (`segcompass.training.self_generated`).
+Any mode may start from a trained checkpoint (`--init-from`, `training.init_from`) and draw
+world prompts by the policy's first errors (`--curriculum`, `training.curriculum`).
 """
 
 from __future__ import annotations
@@ -33,7 +35,8 @@ from segcompass.data.sources import TrainStream, parse_data_list
 from segcompass.training.batching import SegBatch, batch_from_samples  # noqa: F401 (batch_from_samples re-exported)
 from segcompass.training.scale import autocast_context, prepare_model
 from segcompass.training.self_generated import check_sources, step_batch
-from segcompass.training.common import check_grpo_config, param_groups  # noqa: F401 (param_groups re-exported)
+from segcompass.training.common import (check_grpo_config, check_recipe,  # noqa: F401 (param_groups re-exported)
+                                        param_groups)
 from segcompass.world.scenes import WorldSample, hallucinated_sample
 from segcompass.training.losses import SegLossConfig, SegLossOutput, segmentation_loss
 from segcompass.model import (SegCompass, SegCompassConfig, build_segcompass, checkpoint_record,
@@ -53,7 +56,7 @@ class TrainConfig(RunConfig):
     sae: Path
     """SAE folder for the policy's layer `sae_layer`."""
     out: Path = free_on_resume(Path("runs/segcompass"))
-    """Output folder (see below)."""
+    """Output folder."""
     mode: Literal["seg", "rl", "rl+seg"] = "seg"
     """seg, rl (GRPO) or rl+seg (Table 4)."""
     data: tuple[str, ...] = ("world",)
@@ -69,7 +72,7 @@ class TrainConfig(RunConfig):
     head_preset: str = "tiny-llava"
     """Head dimensions preset."""
     sam_preset: str = "sam-tiny-16"
-    """SAM preset (see --sam-path)."""
+    """SAM preset (--sam-path)."""
     sam_path: Path | None = None
     """Folder of a pretrained SAM (facebook/sam-vit-*)."""
     sam_cache: Path | None = free_on_resume(None)
@@ -85,7 +88,7 @@ class TrainConfig(RunConfig):
     policy_image_keys: Literal["preset", "on", "off"] = "preset"
     """Keys add policy image tokens."""
     head_routing: Literal["preset", "paper", "concepts"] = "preset"
-    """Slot mapper reads raw states ('paper') or SAE atoms only ('concepts'); 'preset' = the preset's."""
+    """Raw states or SAE atoms only."""
     steps: int = 900
     """Optimizer steps."""
     batch_size: int = 16
@@ -117,7 +120,7 @@ class TrainConfig(RunConfig):
     heatmap_dice_weight: float = 0.0
     """Dice on the heatmaps (paper: 0)."""
     slot_embedding_dropout: float = 0.0
-    """Chance per sample that e_k is zeroed (masks from SAE atoms alone)."""
+    """Chance e_k is zeroed."""
     hallucination_share: float = 0.0
     """Share of hallucinated twins (seg)."""
     log_every: int = free_on_resume(10)
@@ -125,8 +128,9 @@ class TrainConfig(RunConfig):
     checkpoint_every: int = free_on_resume(100)
     """Steps between checkpoints."""
     allow_mismatch: bool = free_on_resume(False)
-    """Use an SAE made for another model or layer."""
-    # ---- GRPO (modes rl, rl+seg; segcompass.training.grpo); seg own responses read temperature, max_new_tokens ----
+    """SAE of another model or layer."""
+    # ---- GRPO (modes rl, rl+seg; segcompass.training.grpo); seg's own responses read temperature, top_p,
+    # max_new_tokens ----
     group_size: int = 8
     """G: rollouts per prompt (paper: 8)."""
     rl_prompts: int = 2
@@ -149,6 +153,21 @@ class TrainConfig(RunConfig):
     """Micro-batches per step and process."""
     rollout_engine: Literal["generate", "vllm-colocate", "vllm-server"] = "generate"
     """vLLM: see docs/multi_gpu.md."""
+    # ---- GRPO recipe (issue 21; training.grpo; docs/results.md section 4): the defaults change nothing ----
+    init_from: Path | None = None
+    """Start from this SegCompass checkpoint."""
+    curriculum: Literal["off", "first-errors"] = "off"
+    """Favour families the policy errs in."""
+    seg_on: Literal["all", "teacher", "correct", "advantage"] = "all"
+    """rl+seg: where the seg loss applies."""
+    top_p: float = 1.0
+    """Rollout nucleus sampling."""
+    entropy_coef: float = 0.0
+    """Entropy bonus weight."""
+    dynamic_sampling: int = 0
+    """DAPO: refill flat groups, <= N draws."""
+    consistency_reward_weight: float = 0.0
+    """w of the CoT check (world)."""
 
     def __post_init__(self) -> None:
         for name in ("steps", "batch_size", "log_every", "checkpoint_every"):
@@ -170,6 +189,7 @@ class TrainConfig(RunConfig):
         if self.mode != "seg":
             check_grpo_config(self)
         check_sources(self)
+        check_recipe(self)
 
     def model_config(self) -> SegCompassConfig:
         return SegCompassConfig(policy_preset=self.policy_preset, sae_layer=self.sae_layer,
@@ -201,9 +221,23 @@ def slot_embedding_keep(cfg: TrainConfig, step: int, batch_size: int) -> torch.T
     return torch.rand(batch_size, generator=generator) >= cfg.slot_embedding_dropout
 
 
-def train_stream(cfg: TrainConfig, total: int) -> TrainStream:
-    """The run's training samples (`--data`), `total` positions long."""
+def train_stream(cfg: TrainConfig, total: int, family_weights: dict[str, float] | None = None):
+    """The run's training samples (`--data`), `total` positions long; with `family_weights`
+    (`--curriculum`), the world's train samples drawn by those weights."""
+    if family_weights is not None:
+        from segcompass.training.curriculum import CurriculumStream
+
+        return CurriculumStream(family_weights, seed=cfg.seed)
     return TrainStream(parse_data_list(cfg.data), seed=cfg.seed, total=total, split_by=cfg.split_by)
+
+
+def run_family_weights(cfg: TrainConfig, model: SegCompass, out: Path, resuming: bool) -> dict[str, float] | None:
+    """`--curriculum first-errors`: the run's family weights (`training.curriculum`); None when off."""
+    if cfg.curriculum == "off":
+        return None
+    from segcompass.training.curriculum import curriculum_weights
+
+    return curriculum_weights(cfg, model.loaded, out, resuming=resuming)
 
 
 def step_samples(cfg: TrainConfig, step: int, stream: TrainStream | None = None) -> list:
@@ -251,6 +285,10 @@ def train(cfg: TrainConfig, *, progress: bool = True, stop_after: int | None = N
         model = build_segcompass(cfg.model_config(), policy_path=cfg.policy, sae_path=cfg.sae,
                                  sam_path=cfg.sam_path, seed=cfg.seed, device=device,
                                  allow_mismatch=cfg.allow_mismatch)
+        if cfg.init_from is not None:
+            from segcompass.training.init_from import init_from_checkpoint
+
+            init_from_checkpoint(model, cfg.init_from, cfg.sae)
     out.mkdir(parents=True, exist_ok=True)  # after the pieces are checked: a refusal writes nothing
     optimizer = torch.optim.AdamW(param_groups(model, cfg), weight_decay=cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.OneCycleLR(
@@ -260,7 +298,7 @@ def train(cfg: TrainConfig, *, progress: bool = True, stop_after: int | None = N
     if start == 0:
         torch.manual_seed(cfg.seed)
     metrics = MetricsLog(out / "metrics.jsonl", start)  # lines after the checkpoint are redone
-    stream = train_stream(cfg, cfg.steps * cfg.batch_size)
+    stream = train_stream(cfg, cfg.steps * cfg.batch_size, run_family_weights(cfg, model, out, checkpoint is not None))
     counts = dict(checkpoint_record(checkpoint).get("counts", {})) if checkpoint else {}
     empty_before = counts.get("skipped_empty_target", 0)
     prepare_model(model, cfg, device, out)

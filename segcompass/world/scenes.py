@@ -244,6 +244,12 @@ def _draw_template(spec: SplitSpec, rng: np.random.Generator) -> Template:
     return choices[int(_weighted(rng, weights, 1)[0])]
 
 
+def template_of(split: str, index: int, seed: int = 0) -> Template:
+    """The template `make_sample(split, index, seed)` uses: its first draw, so no scene is built."""
+    spec = _spec(split)
+    return _draw_template(spec, np.random.default_rng([seed, spec.code, index]))
+
+
 def make_sample(split: str, index: int, seed: int = 0) -> WorldSample:
     """Sample `index` of `split` under `seed` (a pure function of the three)."""
     spec = _spec(split)

@@ -10,8 +10,9 @@ from PIL import Image
 
 from saekit.inputs import build_batch
 from segcompass.policy import recorded_states
-from segcompass.training.grpo_step import (KeyedGumbelSampler, group_advantages, grpo_policy_loss, head_pass,
-                                  per_sample_segmentation_loss, rollout_batch, rollout_seed)
+from segcompass.training.grpo_step import (KeyedGumbelSampler, dapo_fill, group_advantages, grpo_policy_loss,
+                                           head_pass, nucleus, per_sample_segmentation_loss, reserve_index,
+                                           rollout_batch, rollout_seed, zero_spread)
 from segcompass.training.losses import SegLossConfig, segmentation_loss
 from segcompass.policy import PolicyForward
 from segcompass_tiny import tiny_checkpoint  # noqa: F401  (session fixture)
@@ -114,6 +115,96 @@ def test_per_sample_segmentation_loss_is_the_mean_of_single_sample_losses():
                for b in range(3)]
     assert out.total.item() == pytest.approx(torch.stack(singles).mean().item(), rel=1e-6)
     assert out.num_matched == 3 and out.num_targets == 3
+
+
+def test_nucleus_keeps_what_transformers_top_p_keeps():
+    from transformers import TopPLogitsWarper
+
+    gen = torch.Generator().manual_seed(3)
+    logits = torch.randn(64, 50, generator=gen) * 3
+    for top_p in (0.3, 0.7, 0.95):
+        ours = torch.isfinite(nucleus(logits, top_p))
+        theirs = torch.isfinite(TopPLogitsWarper(top_p)(None, logits.clone()))
+        assert torch.equal(ours, theirs), top_p
+    assert torch.equal(nucleus(logits, 1e-6).isfinite().sum(1), torch.ones(64, dtype=torch.long))  # the top token
+
+
+def test_keyed_sampler_with_top_p_samples_the_renormalised_nucleus():
+    logits = torch.tensor([2.0, 1.0, 0.0, -1.0])
+    n, temperature, top_p = 4000, 0.8, 0.8
+    probs = torch.softmax(logits / temperature, 0)  # 0.71, 0.20, 0.06, 0.02: the nucleus is the first two
+    picks = KeyedGumbelSampler([rollout_seed(2, i) for i in range(n)], temperature, top_p=top_p)(
+        None, logits.expand(n, 4)).argmax(dim=1)
+    freq = torch.bincount(picks, minlength=4).float() / n
+    expected = torch.cat([probs[:2] / probs[:2].sum(), torch.zeros(2)])
+    torch.testing.assert_close(freq, expected, atol=0.03, rtol=0)
+    assert freq[2:].sum() == 0
+    # top_p = 1 is the plain sampler, draw for draw
+    seeds = [rollout_seed(0, i) for i in range(5)]
+    scores = torch.randn(5, 9, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(KeyedGumbelSampler(seeds, 0.7, top_p=1.0)(None, scores),
+                               KeyedGumbelSampler(seeds, 0.7)(None, scores), rtol=0, atol=0)
+
+
+def test_entropy_bonus_subtracts_coef_times_the_token_mean_entropy():
+    gen = torch.Generator().manual_seed(0)
+    logps = (-torch.rand(2, 4, generator=gen)).requires_grad_()
+    entropy = torch.rand(2, 4, generator=gen).requires_grad_()
+    adv, mask = torch.tensor([1.0, -1.0]), torch.tensor([[1, 1, 1, 0], [1, 1, 1, 1]])
+    plain = grpo_policy_loss(logps, logps.detach(), None, adv, mask, beta=0.0)
+    bonus = grpo_policy_loss(logps, logps.detach(), None, adv, mask, beta=0.0, entropies=entropy, entropy_coef=0.1)
+    token_mean = ((entropy * mask).sum(1) / mask.sum(1)).mean()
+    assert bonus.loss.item() == pytest.approx(plain.loss.item() - 0.1 * token_mean.item(), abs=1e-6)
+    bonus.loss.backward()
+    torch.testing.assert_close(entropy.grad, -0.1 * mask / mask.sum(1, keepdim=True) / 2)
+    zero = grpo_policy_loss(logps, logps.detach(), None, adv, mask, beta=0.0, entropies=entropy, entropy_coef=0.0)
+    assert zero.loss.item() == plain.loss.item()
+
+
+def test_weighted_segmentation_loss_is_sum_of_weighted_sample_losses_over_b():
+    gen = torch.Generator().manual_seed(0)
+    heat, masks, conf = torch.randn(3, 4, 8, 8, generator=gen), torch.randn(3, 4, 8, 8, generator=gen), torch.randn(3, 4)
+    targets = [(torch.rand(n, 16, 16, generator=gen) > 0.5).float() for n in (2, 0, 1)]
+    cfg = SegLossConfig()
+    singles = torch.stack([segmentation_loss(heat[b:b + 1], masks[b:b + 1], conf[b:b + 1], [targets[b]], cfg).total
+                           for b in range(3)])
+    plain = per_sample_segmentation_loss(heat, masks, conf, targets, cfg)
+    ones = per_sample_segmentation_loss(heat, masks, conf, targets, cfg, weights=torch.ones(3))
+    assert ones.total.item() == pytest.approx(plain.total.item(), rel=1e-6)
+    w = torch.tensor([0.5, 0.0, 2.0])
+    out = per_sample_segmentation_loss(heat, masks, conf, targets, cfg, weights=w)
+    assert out.total.item() == pytest.approx(((singles * w).sum() / 3).item(), rel=1e-6)
+    assert out.num_targets == 3 and len(out.matches) == 2  # sample 1 (weight 0) is left out
+    none = per_sample_segmentation_loss(heat, masks, conf, targets, cfg, weights=torch.zeros(3))
+    assert none.total.item() == 0.0 and none.matches == []
+    one_slot = per_sample_segmentation_loss(heat, masks, conf, targets, cfg, active_slots=[1, 1, 1])
+    assert all(int(s) == 0 for m in one_slot.matches for s in m.slot)
+
+
+def test_zero_spread_and_the_reserve_are_keyed():
+    flat = zero_spread(torch.tensor([0.3, 0.3, 0.3, 0.1, 0.9, 0.3]), 3)
+    assert flat.tolist() == [True, False]
+    positions = {reserve_index(100, step, d, j, per_draw=2, cap=3)
+                 for step in range(4) for d in range(3) for j in range(2)}
+    assert len(positions) == 4 * 3 * 2 and min(positions) == 100  # distinct, none in the plain stream
+
+
+def test_dapo_fill_keeps_spread_groups_and_tops_up_from_draws():
+    calls = []
+
+    def draw(d, need):
+        calls.append((d, need))
+        new = [f"d{d}g{j}" for j in range(need)]
+        return new, [d == 0 and j == 0 for j in range(need)]  # draw 0's first group is flat
+
+    first, flat = ["a", "b", "c", "e"], [False, True, True, False]
+    chosen, stats = dapo_fill(first, flat, draw, cap=3)
+    assert chosen == ["a", "e", "d0g1", "d1g0"] and calls == [(0, 2), (1, 1)]
+    assert stats == (2, 4 + 2 + 1, 2 + 1)
+    # the cap runs out: the first batch's flat groups fill the rest, in order
+    chosen, stats = dapo_fill(first, flat, lambda d, need: ([f"x{d}"] * need, [True] * need), cap=1)
+    assert chosen == ["a", "e", "b", "c"] and stats.draws == 1 and stats.zero_spread == 4
+    assert dapo_fill(first, flat, draw, cap=0)[0] == ["a", "e", "b", "c"]
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,7 @@ import itertools
 import pytest
 import torch
 
-from segcompass.training.rewards import (RewardConfig, format_reward, mask_reward, mask_rewards,
+from segcompass.training.rewards import (RewardConfig, consistency_reward, format_reward, mask_reward, mask_rewards,
                                 multi_object_mask_score, single_object_mask_score, total_reward)
 from segcompass.template import K_MULTI, MAX_THINK_CHARS, format_response
 
@@ -159,3 +159,30 @@ def test_batched_mask_rewards_and_total():
     assert total.tolist() == pytest.approx([1.0, 0.27], abs=1e-5)
     with pytest.raises(ValueError):
         RewardConfig(format_weight=-1)
+
+
+def test_consistency_reward_reads_the_answer_line_against_the_scene():
+    from segcompass.world.render import COLOURS, SHAPES
+    from segcompass.world.scenes import generate
+
+    sample = next(s for s in generate("train", 40, seed=0) if len(s.targets) == 1 and len(s.objects) >= 3)
+    truth = format_response(sample.cot, 1)
+    assert consistency_reward(sample, truth) == 1.0
+    target = sample.objects[sample.targets[0]]
+    other = next(o for i, o in enumerate(sample.objects)
+                 if i not in sample.targets and (o.colour, o.shape) != (target.colour, target.shape))
+    present = {(o.colour, o.shape) for o in sample.objects}
+    absent = next((c, s) for c in COLOURS for s in SHAPES if (c, s) not in present)
+    assert consistency_reward(sample, format_response(f"look . target : {other.colour} {other.shape} .", 1)) == 0.5
+    assert consistency_reward(sample, format_response(f"look . target : {absent[0]} {absent[1]} .", 1)) == 0.0
+    assert consistency_reward(sample, format_response("look . target : none .", 1)) == 0.0
+    assert consistency_reward(sample, "no answer at all") == 0.0
+
+
+def test_total_reward_adds_consistency_only_when_weighted():
+    fmt, mask, cons = torch.tensor([1.0, 0.9]), torch.tensor([0.5, 0.2]), torch.tensor([1.0, 0.5])
+    plain = total_reward(fmt, mask, RewardConfig())
+    assert torch.equal(total_reward(fmt, mask, RewardConfig(), cons), plain)
+    torch.testing.assert_close(total_reward(fmt, mask, RewardConfig(consistency_weight=0.2), cons), plain + 0.2 * cons)
+    with pytest.raises(ValueError, match="consistency scores"):
+        total_reward(fmt, mask, RewardConfig(consistency_weight=0.2))
