@@ -23,7 +23,6 @@ Padding never reaches the cache: `saekit.capture` returns valid positions only.
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import time
 import weakref

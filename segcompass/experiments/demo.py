@@ -17,7 +17,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from saekit.errors import UserError
 
 
 @dataclass(frozen=True)
