@@ -10,7 +10,6 @@ already there, so an interrupted demo picks up where it stopped.
 from __future__ import annotations
 
 import dataclasses
-import html
 import json
 import time
 from dataclasses import dataclass
@@ -53,8 +52,12 @@ class DemoConfig:
     """`segcompass train --hallucination-share`: share of training samples replaced by a
     no-target instruction whose chain of thought names an absent object (`world.hallucinated_sample`).
     Mode seg only (the GRPO modes train on the policy's own rollouts)."""
+    head_routing: Literal["paper", "concepts"] = "paper"
+    """`segcompass train --head-routing`: what the slot mapper reads (raw states or SAE atoms only)."""
     eval_samples: int = 200
     """Samples per evaluation split."""
+    causal_samples: int = 100
+    """Samples per split (testA, multi) of the causal suite (`segcompass analyze --causal`); 0 = skip."""
     seed: int = 0
     """Seeds every stage."""
 
@@ -62,7 +65,8 @@ class DemoConfig:
         if not self.quick:
             return self
         return dataclasses.replace(self, sae_samples=300, sae_tokens=120_000, sam_steps=60, seg_steps=60,
-                                   eval_samples=40, d_sae=2048, absence_steps=min(self.absence_steps, 20))
+                                   eval_samples=40, d_sae=2048, absence_steps=min(self.absence_steps, 20),
+                                   causal_samples=min(self.causal_samples, 8))
 
 
 EVAL_SPLITS = ("val", "testA", "testB", "multi", "reason")
@@ -94,14 +98,17 @@ def run_demo(cfg: DemoConfig) -> Path:
     checkpoint = _segcompass(cfg, out / "segcompass", policy_dir, sae_dir, sam_dir)
     timings["segcompass"] = time.perf_counter() - t
     t = time.perf_counter()
-    scores = _evaluate(cfg, out / "eval", checkpoint)
+    _evaluate(cfg, out / "eval", checkpoint)
     timings["eval"] = time.perf_counter() - t
     t = time.perf_counter()
     analyses = _analyses(cfg, out / "analyses", checkpoint)
     timings["analyses"] = time.perf_counter() - t
+    t = time.perf_counter()
+    _causal(cfg, out / "analyses", checkpoint)
+    timings["causal suite"] = time.perf_counter() - t
     reports = _reports(out / "predict", checkpoint, _atom_names(out / "analyses"))
     timings["total"] = time.perf_counter() - t0
-    index = _index(out, cfg, scores, reports, timings, analyses)
+    index = _index(out, cfg, reports, timings, analyses)
     print(f"\nresults table:\n{(out / 'eval' / 'metrics.md').read_text()}")
     print(f"index page: {index.resolve()}")
     return index
@@ -173,6 +180,7 @@ def _segcompass(cfg: DemoConfig, out: Path, policy_dir: Path, sae_dir: Path, sam
         train(TrainConfig(policy=policy_dir, sae=sae_dir, sam_path=sam_dir, out=out, sae_layer=cfg.sae_layer,
                           mode=cfg.mode, steps=cfg.seg_steps, heatmap_dice_weight=cfg.heatmap_dice_weight,
                           hallucination_share=cfg.hallucination_share if cfg.mode == "seg" else 0.0,
+                          head_routing=cfg.head_routing,
                           seed=cfg.seed))
     return final
 
@@ -227,31 +235,21 @@ def _reports(out: Path, checkpoint: Path, atom_names: dict[int, str] | None = No
     return reports
 
 
-def _index(out: Path, cfg: DemoConfig, scores: dict, reports: list[Path], timings: dict,
-           analyses: dict | None = None) -> Path:
-    links = "".join(f'<li><a href="{html.escape(str(r.relative_to(out)))}">{html.escape(r.parent.name)}</a></li>'
-                    for r in reports)
-    files = (analyses or {}).get("files", {})
-    # thumbnails, so the page itself shows every figure; each links to the full-size PNG
-    figures = "".join(f'<figure><a href="analyses/{html.escape(f["png"])}"><img src="analyses/{html.escape(f["png"])}"'
-                      f' width="360" alt="{html.escape(stem)}"></a><figcaption>{html.escape(stem)}</figcaption></figure>'
-                      for stem, f in files.items() if "png" in f)
-    accept = json.dumps((analyses or {}).get("acceptance", {}), indent=1)
-    from analyses.causal import CAUSAL_DIR, index_html  # links once `segcompass analyze --causal` has run
+def _causal(cfg: DemoConfig, out: Path, checkpoint: Path) -> None:
+    """The causal suite on testA and multi: do the masks come from the SAE atoms?"""
+    from analyses.causal import CAUSAL_DIR, CAUSAL_FILE, run_causal_suite
 
-    causal = index_html(out / "analyses" / CAUSAL_DIR, f"analyses/{CAUSAL_DIR}/")
-    table = (out / "eval" / "metrics.md").read_text() if (out / "eval" / "metrics.md").is_file() else ""
-    page = (f"<!doctype html><meta charset='utf-8'><title>segcompass demo</title>"
-            f"<h1>segcompass demo{' (quick)' if cfg.quick else ''}</h1>"
-            f"<h2>Evaluation</h2><pre>{html.escape(table)}</pre>"
-            f"<h2>Prediction reports</h2><ul>{links}</ul>"
-            f"<h2>Warm-started policy (greedy, val)</h2><pre>{html.escape(_policy_summary(out))}</pre>"
-            f"<h2>Analyses</h2><div style='display:flex;flex-wrap:wrap;gap:8px'>{figures}</div>"
-            f"<pre>{html.escape(accept)}</pre>{causal}"
-            f"<h2>Timings (s)</h2><pre>{html.escape(json.dumps({k: round(v, 1) for k, v in timings.items()}, indent=1))}</pre>")
-    path = out / "index.html"
-    path.write_text(page)
-    return path
+    if cfg.causal_samples and _stage("causal suite (pathway, conflict, dose-response, concept edits)",
+                                     (out / CAUSAL_DIR / CAUSAL_FILE).is_file()):
+        run_causal_suite(checkpoint, out / CAUSAL_DIR, splits=("testA", "multi"), n=cfg.causal_samples,
+                         seed=cfg.seed + 7, progress=True)
+
+
+def _index(out: Path, cfg: DemoConfig, reports: list[Path], timings: dict, analyses: dict | None = None) -> Path:
+    from segcompass.experiments.index_page import write_index
+
+    return write_index(out, quick=cfg.quick, routing=cfg.head_routing, reports=reports, timings=timings,
+                       files=(analyses or {}).get("files", {}), policy_summary=_policy_summary(out))
 
 
 def _policy_summary(out: Path) -> str:

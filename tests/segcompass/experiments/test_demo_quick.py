@@ -36,6 +36,8 @@ def test_quick_demo_runs_end_to_end_and_links_every_result(tmp_path, capsys):
     metrics = json.loads((index.parent / "eval" / "metrics.json").read_text())["splits"]
     assert set(metrics) == set(EVAL_SPLITS)
     assert all(0 <= m["giou"] <= 1 for m in metrics.values())
+    assert (index.parent / "analyses" / "causal" / "causal.json").is_file()  # the causal suite ran
+    assert "Do the masks come from the SAE atoms?" in index.read_text() and "<table>" in index.read_text()
     printed = capsys.readouterr().out
     assert "results table:" in printed and f"index page: {index.resolve()}" in printed
     # a second call finds every stage done and redoes nothing
