@@ -111,6 +111,8 @@ HEAD_PRESETS: dict[str, HeadConfig] = {
     "qwen2.5-vl-7b": dataclasses.replace(_PAPER, d_llm=3584),
     "tiny-llava": _WORLD,
     "tiny-qwen2.5-vl": _WORLD,
+    # concept routing reading every active atom: the codes are then all the head knows
+    "tiny-llava-concepts": dataclasses.replace(_WORLD, routing="concepts", threshold=0.0),
 }
 
 
