@@ -83,8 +83,11 @@ def run_dataset(args: argparse.Namespace) -> int:
 
     from analyses.causal import CAUSAL_DIR, CAUSAL_FILE, WORLD_ONLY_TESTS, run_causal_suite
     from analyses.run_all import SUMMARY_FILE, WORLD_ONLY_ANALYSES, AnalysesConfig, skipped_summary
+    from saekit.errors import UserError
     from saekit.models import resolve_device
 
+    if args.eval is not None:  # it judges chains of thought against the world's ground truth
+        raise UserError(f"analyze: --eval needs a world evaluation; --data {args.data} has no ground-truth reasoning")
     skipped = [*([] if args.causal_only else WORLD_ONLY_ANALYSES), *(f"causal {t}" for t in WORLD_ONLY_TESTS)]
     print(f"analyze: --data {args.data}: skipped {', '.join(skipped)} (they need the world's scene metadata: "
           "objects, colours, shapes); running the causal suite's pathway ablation, dose-response and variance")
@@ -96,10 +99,6 @@ def run_dataset(args: argparse.Namespace) -> int:
                               device=str(resolve_device(args.device)), progress=not args.no_progress)
     print(json.dumps(record["acceptance"], indent=1))
     print(f"analyze: causal suite in {args.out / CAUSAL_DIR / CAUSAL_FILE}")
-    if args.eval is not None:
-        from analyses.reasoning_to_mask import write_reasoning_report
-
-        print(json.dumps(write_reasoning_report(args.eval, args.out), indent=1))
     if not args.causal_only:
         print(f"analyze: skipped analyses recorded in {args.out / SUMMARY_FILE}")
     return 0
