@@ -201,13 +201,9 @@ def image_positions(batch: ModelBatch) -> Tensor:
 def policy_image_tokens(forward: PolicyForward, batch: ModelBatch) -> Tensor:
     """(B, n_image, d) layer-L states of each sample's image tokens, in the vision tower's
     raster order (every sample of a LLaVA batch has the same n_image)."""
-    from saekit.inputs import TokenType
-
-    is_image = batch.token_types.to(forward.sae_hidden.device) == int(TokenType.IMAGE)  # (B, T)
-    counts = is_image.sum(1)
-    if not bool((counts == counts[0]).all()):
-        raise ValueError(f"policy image keys need the same number of image tokens per sample, got {counts.tolist()}")
-    return forward.sae_hidden[is_image].view(len(counts), int(counts[0]), -1)  # (B*n, d) -> (B, n, d)
+    positions = image_positions(batch).to(forward.sae_hidden.device)  # (B, n)
+    rows = torch.arange(len(positions), device=positions.device)[:, None]  # (B, 1)
+    return forward.sae_hidden[rows, positions]  # (B, T, d) -> (B, n, d)
 
 
 def freeze_policy_up_to(policy: nn.Module, layer: int) -> None:
